@@ -1,0 +1,34 @@
+# The README's two commands are `make demo` and `make test`. Both build .venv on first use and
+# reuse it afterwards: the stamp file is only rebuilt when pyproject.toml changes.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TOY := toy_data
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(TOY)/.done: tools/make_toy_data.py $(STAMP)
+	$(PY) tools/make_toy_data.py --out $(TOY) --seed 0
+	touch $@
+
+demo: $(STAMP) $(TOY)/.done
+	$(PY) tools/demo.py --data $(TOY) --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP) $(TOY)/.done
+	$(PY) bench/latency.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/data_throughput.py --data $(TOY)
+	$(PY) bench/average_memory.py
+
+clean:
+	rm -rf runs $(TOY)

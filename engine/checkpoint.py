@@ -1,0 +1,88 @@
+"""Checkpoints: versioned plain dicts, written atomically, loadable with weights_only=True.
+
+Layout of a project checkpoint (FORMAT_VERSION 1):
+    {"format": "mbv3-recipes", "version": 1, "model": <state dict in torchvision's key layout>,
+     "config": <resolved recipe as a plain dict>, "epoch": int, ... script-specific entries}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "mbv3-recipes"
+FORMAT_VERSION = 1
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_replace(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def save(obj: dict[str, Any], path: str | Path) -> None:
+    """torch.save through a temp file + fsync + rename: a reader never sees half a file."""
+    _atomic_replace(Path(path), lambda fh: torch.save(obj, fh))
+
+
+def new(model_state: dict[str, torch.Tensor], **entries: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model": model_state, **entries}
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a project checkpoint or a plain state dict (returned as {"model": state_dict})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict (state dict or project checkpoint), got {type(obj).__name__}")
+    if obj.get("format") == FORMAT:
+        if obj.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: checkpoint format version {obj.get('version')} is not supported "
+                             f"(this code reads version {FORMAT_VERSION})")
+        return obj
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"model": obj}
+    if "model" in obj and isinstance(obj["model"], dict):  # torchvision reference-script checkpoints
+        return {"model": obj["model"]}
+    raise ValueError(f"{path}: neither a state dict nor a project checkpoint (keys: {sorted(obj)[:8]})")
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Digest of a state dict's names, dtypes, shapes and bytes (independent of file encoding)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def prune(directory: Path, keep: int | None, pattern: str = "epoch_*.pt") -> None:
+    """Keep the newest `keep` files matching pattern (None keeps all)."""
+    if keep is None:
+        return
+    files = sorted(Path(directory).glob(pattern))
+    for f in files[: max(0, len(files) - keep)]:
+        f.unlink(missing_ok=True)

@@ -1,0 +1,124 @@
+import dataclasses
+import subprocess
+import sys
+from typing import Literal, Optional
+
+import pytest
+
+from engine.config import ConfigError, RunConfig, dump_config, load_config, save_config
+from tests.conftest import ROOT
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    name: Literal["sgd", "rmsprop"]
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    milestones: list[int] = dataclasses.field(default_factory=list)
+    nesterov: bool = False
+    eps: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    optimizer: Opt
+    run: RunConfig
+
+
+RECIPE = """
+optimizer: {name: sgd, lr: 0.1, weight_decay: 1.0e-4, milestones: [16, 22]}
+run: {output_dir: out, seed: 0}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(RECIPE)
+    return p
+
+
+def test_loads_typed_frozen(recipe):
+    cfg = load_config(Cfg, recipe)
+    assert cfg.optimizer.lr == 0.1 and cfg.optimizer.milestones == [16, 22]
+    assert cfg.optimizer.betas == (0.9, 0.999) and cfg.run.resume is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optimizer.lr = 1.0
+
+
+def test_overrides_parse_with_field_type(recipe):
+    cfg = load_config(Cfg, recipe, [
+        "optimizer.lr=1e-3",            # YAML would read this as a string; the float field decides
+        "optimizer.nesterov=true",
+        "optimizer.eps=None",
+        "optimizer.milestones=[1, 2, 3]",
+        "optimizer.betas=[0.5, 0.6]",
+        "run.resume=auto",
+        "run.keep_checkpoints=null",
+        "run.output_dir=123",           # a str field keeps the text as typed
+    ])
+    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.nesterov is True and cfg.optimizer.eps is None
+    assert cfg.optimizer.milestones == [1, 2, 3] and cfg.optimizer.betas == (0.5, 0.6)
+    assert cfg.run.resume == "auto" and cfg.run.output_dir == "123"
+    assert load_config(Cfg, recipe, ["optimizer.eps=0.5"]).optimizer.eps == 0.5
+
+
+def test_all_errors_reported_at_once(recipe):
+    recipe.write_text(RECIPE + "extra_section: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer.weight_decy=1e-4", "optimizer.name=adamx",
+                                  "optimizer.lr=fast", "run.seed=1.5", "optimizer.betas=[1]"])
+    problems = err.value.problems
+    text = "\n".join(problems)
+    assert len(problems) == 6, text
+    assert "command line: optimizer.weight_decy: unknown key (did you mean 'optimizer.weight_decay'?)" in text
+    assert "invalid choice 'adamx'" in text and "'sgd', 'rmsprop'" in text
+    assert "command line: optimizer.lr: expected float, got 'fast'" in text
+    assert "command line: run.seed: expected int, got 1.5" in text
+    assert "optimizer.betas: expected a list of 2" in text
+    assert f"{recipe}: extra_section: unknown key" in text
+
+
+def test_misspelt_key_in_file_names_file(recipe):
+    recipe.write_text(RECIPE.replace("weight_decay", "weight_decy"))
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe)
+    text = str(err.value)
+    assert f"{recipe}: optimizer.weight_decy: unknown key (did you mean 'optimizer.weight_decay'?)" in text
+    assert f"{recipe}: optimizer.weight_decay: missing" in text
+
+
+def test_round_trip(recipe, tmp_path):
+    cfg = load_config(Cfg, recipe, ["optimizer.betas=[0.1, 0.2]", "optimizer.eps=0.0316"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(Cfg, tmp_path / "config.yaml") == cfg
+    assert "betas: [0.1, 0.2]" in dump_config(cfg)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(Cfg, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Cfg, bad)
+
+
+def test_script_cli_exit_2_without_traceback(tmp_path):
+    """The acceptance scenario: a misspelt key on a real script's command line."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_classification.py"), "--recipe", str(ROOT / "recipes/large.yaml"),
+         "optimizer.weight_decy=1e-4"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "command line: optimizer.weight_decy: unknown key (did you mean 'optimizer.weight_decay'?)" in proc.stderr
+
+
+def test_print_config_shows_derived_values(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_classification.py"), "--recipe", str(ROOT / "recipes/large.yaml"),
+         "--print-config"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.064" in proc.stdout
+    assert "global_batch: 1024" in proc.stdout  # 128 per process x 8 processes
