@@ -22,7 +22,7 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
         load_weights(build("mobilenet_v3_large"), tmp_path / "small.pth")
     text = str(err.value)
     assert "small.pth" in text and "missing from the file" in text and "shape differences" in text
-    assert "features.12.block.0.0.weight" in text  # Small ends with features.12 = its last conv
+    assert "features.1.block.1.fc1.weight" in text and "checkpoint (72, 16, 1, 1) vs model (64, 16, 1, 1)" in text
 
 
 def test_not_a_checkpoint(tmp_path):
