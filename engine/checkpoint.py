@@ -86,3 +86,16 @@ def prune(directory: Path, keep: int | None, pattern: str = "epoch_*.pt") -> Non
     files = sorted(Path(directory).glob(pattern))
     for f in files[: max(0, len(files) - keep)]:
         f.unlink(missing_ok=True)
+
+
+def link_or_save(src: Path, dst: Path, obj: dict[str, Any]) -> None:
+    """Make `dst` the same checkpoint as `src` atomically: a hard link (no second write) where the
+    filesystem allows, else a second atomic save."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save(obj, dst)

@@ -291,8 +291,15 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists inline: `scale: [0.08, 1.0]`."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def dump_config(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -1,0 +1,221 @@
+"""ImageNet-style classification data: ImageFolder on JPEGs, decoded to uint8 tensors.
+
+The fast path splits the published training transform in two:
+- per sample, in the loader workers, on uint8 tensors (torchvision transforms v2):
+  decode -> RandomResizedCrop -> horizontal flip -> AutoAugment, plus the RandomErasing *draw*
+  (whether and where to erase), all from a generator seeded by (seed, epoch, sample index);
+- per batch, on the training device (BatchTransform): uint8 -> float, normalize, erase.
+Erasing with value 0 after normalization is what the reference does per sample; doing it as one
+masked fill on the batch gives the same pixels for a fraction of the cost, and the erase box was
+drawn with torchvision's own RandomErasing.get_params, so the distribution is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import io
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import RandomErasing as _RandomErasing
+from torchvision.transforms import v2 as T
+
+from engine.seeding import sample_seed
+
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+                 "bicubic": InterpolationMode.BICUBIC}
+
+
+class DataError(Exception):
+    """A problem with the dataset on disk; the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationDataConfig:
+    root: str                                   # contains train/ and val/ in ImageFolder layout
+    batch_size: int                             # per process
+    workers: int                                # loader processes per training process
+    crop_size: int                              # RandomResizedCrop output
+    scale: tuple[float, float]                  # RandomResizedCrop area range
+    ratio: tuple[float, float]                  # RandomResizedCrop aspect range
+    interpolation: Literal["nearest", "bilinear", "bicubic"]
+    hflip: float                                # probability
+    auto_augment: Optional[Literal["imagenet", "cifar10", "svhn"]]
+    auto_augment_interpolation: Literal["nearest", "bilinear"]
+    random_erasing: float                       # probability
+    val_resize: int
+    val_crop: int
+    erasing_scale: tuple[float, float] = (0.02, 0.33)
+    erasing_ratio: tuple[float, float] = (0.3, 3.3)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def validate(self):
+        if self.batch_size <= 0:
+            yield "batch_size", f"expected a positive per-process batch size, got {self.batch_size}"
+        if self.workers < 0:
+            yield "workers", f"expected >= 0, got {self.workers}"
+        for name in ("hflip", "random_erasing"):
+            if not 0 <= getattr(self, name) <= 1:
+                yield name, f"expected a probability in [0, 1], got {getattr(self, name)}"
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    if not split_dir.parent.exists():
+        raise DataError(f"data.root: {split_dir.parent} does not exist")
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: split folder not found (expected data.root/{split_dir.name}/<class>/<image>)")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>)")
+    samples = []
+    for i, c in enumerate(classes):
+        files = sorted(p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"{split_dir / c}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        samples += [(str(p), i) for p in files]
+    return classes, samples
+
+
+def decode(path: str) -> torch.Tensor:
+    """File -> uint8 RGB tensor (C, H, W); a clear DataError naming the file if it is not an image."""
+    try:
+        return io.decode_image(io.read_file(path), mode=io.ImageReadMode.RGB)
+    except (RuntimeError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[-1].split(", ")[-1]
+        raise DataError(f"{path}: unreadable or truncated image ({reason})") from None
+
+
+class ImageFolder(Dataset):
+    """Items are addressed by (epoch, index) keys from EpochSampler, so augmentation is seeded per sample."""
+
+    def __init__(self, split_dir: str | Path, transform, seed: int, train: bool):
+        self.split_dir = Path(split_dir)
+        self.classes, self.samples = scan_image_folder(self.split_dir)
+        self.transform, self.seed, self.train = transform, seed, train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        path, target = self.samples[index]
+        image = decode(path)
+        if not self.train:
+            return self.transform(image), target
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            image = self.transform.augment(image)
+            erase = self.transform.erase_box(image)
+        return image, target, erase
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+class TrainTransform:
+    """Per-sample part of the training transform (uint8 in, uint8 out) and the erase-box draw."""
+
+    def __init__(self, cfg: ClassificationDataConfig):
+        steps = [T.RandomResizedCrop(cfg.crop_size, scale=cfg.scale, ratio=cfg.ratio,
+                                     interpolation=INTERPOLATION[cfg.interpolation], antialias=True)]
+        if cfg.hflip > 0:
+            steps.append(T.RandomHorizontalFlip(cfg.hflip))
+        if cfg.auto_augment is not None:
+            steps.append(T.AutoAugment(T.AutoAugmentPolicy(cfg.auto_augment),
+                                       interpolation=INTERPOLATION[cfg.auto_augment_interpolation]))
+        self.augment = T.Compose(steps)
+        self.p, self.scale, self.ratio = cfg.random_erasing, cfg.erasing_scale, cfg.erasing_ratio
+
+    def erase_box(self, image: torch.Tensor) -> torch.Tensor:
+        """[apply, top, left, height, width] drawn exactly as torchvision's RandomErasing draws it."""
+        if self.p == 0 or torch.rand(1).item() >= self.p:
+            return torch.zeros(5, dtype=torch.int32)
+        shape_only = torch.empty(()).expand(image.shape)  # get_params reads only the shape
+        top, left, h, w, _ = _RandomErasing.get_params(shape_only, scale=self.scale, ratio=self.ratio, value=[0])
+        if h == image.shape[-2] and w == image.shape[-1] and top == 0 and left == 0:
+            return torch.zeros(5, dtype=torch.int32)  # get_params' "no box found": the image is returned as is
+        return torch.tensor([1, top, left, h, w], dtype=torch.int32)
+
+
+def eval_transform(cfg: ClassificationDataConfig):
+    return T.Compose([T.Resize(cfg.val_resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                      T.CenterCrop(cfg.val_crop)])
+
+
+class BatchTransform(nn.Module):
+    """On the training device: uint8 batch -> normalized float batch, erase boxes zeroed, memory format."""
+
+    def __init__(self, mean, std, channels_last: bool):
+        super().__init__()
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t,
+                             persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, images: torch.Tensor, erase: torch.Tensor | None = None) -> torch.Tensor:
+        x = torch.addcmul(self.shift, images.float(), self.scale)
+        if erase is not None:
+            x.masked_fill_(erase_mask(erase, x.shape[-2], x.shape[-1])[:, None], 0.0)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def erase_mask(erase: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 5) boxes [apply, top, left, h, w] -> (N, H, W) bool mask."""
+    apply, top, left, h, w = (erase[:, i].view(-1, 1, 1) for i in range(5))
+    rows = torch.arange(height, device=erase.device).view(1, -1, 1)
+    cols = torch.arange(width, device=erase.device).view(1, 1, -1)
+    return (apply > 0) & (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+
+
+# ----------------------------------------------------------------------------- sampling and loading
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys.
+
+    train: DistributedSampler's per-epoch shuffle (seeded by seed and epoch), padded to equal shards.
+    eval: indices rank, rank + world, ... with no padding, so every image is counted exactly once.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, seed: int, train: bool):
+        self.n, self.rank, self.world, self.train, self.epoch = n, rank, world_size, train, 0
+        self._dist = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed) \
+            if train else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self._dist is not None:
+            self._dist.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = iter(self._dist) if self._dist is not None else range(self.rank, self.n, self.world)
+        return ((self.epoch, i) for i in indices)
+
+    def __len__(self) -> int:
+        return len(self._dist) if self._dist is not None else len(range(self.rank, self.n, self.world))
+
+
+def make_loader(dataset: ImageFolder, sampler: EpochSampler, batch_size: int, workers: int,
+                pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False)
+
+
+def steps_per_epoch(n_images: int, world_size: int, batch_size: int) -> int:
+    return math.ceil(math.ceil(n_images / world_size) / batch_size)

@@ -1,0 +1,132 @@
+"""The run directory's logs: env.json, metrics.jsonl, TensorBoard scalars, console progress.
+
+Only the main process writes; other ranks get a RunLog whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.checkpoint import atomic_write_text
+
+
+def environment(world_size: int, device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "platform": platform.platform(), "git_commit": commit, "argv": sys.argv, "world_size": world_size,
+        "device": str(device), "cpu_threads": torch.get_num_threads(), "hostname": platform.node(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    if device.type == "cuda":
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+class RunLog:
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+        self._tb = None
+
+    # ----------------------------------------------------------------- files
+    def write_env(self, env: dict) -> None:
+        if self.enabled:
+            atomic_write_text(self.dir / "env.json", json.dumps(env, indent=2, default=str) + "\n")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def truncate_after(self, epoch: int) -> None:
+        """On resume from `epoch`, drop lines of later epochs (written before the checkpoint was)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", -1) <= epoch]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    # ----------------------------------------------------------------- tensorboard
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=step)
+        for k, v in values.items():
+            if v is not None:
+                self._tb.add_scalar(f"{prefix}{k}", v, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A bar redrawn in place on a terminal; a line every `every` steps in batch jobs (SLURM logs)."""
+
+    def __init__(self, header: str, total: int, every: int, enabled: bool, interactive: bool | None = None):
+        self.header, self.total, self.every, self.enabled = header, total, every, enabled
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.start = time.perf_counter()
+
+    def update(self, step: int, **fields: float) -> None:
+        if not self.enabled:
+            return
+        done = step + 1
+        last = done == self.total
+        if not self.interactive and not (done % self.every == 0 or last):
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total - done)
+        text = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        if self.interactive:
+            width = 24
+            fill = int(width * done / self.total)
+            print(f"\r{self.header} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+                  f"eta {_hms(eta)} {text}", end="\n" if last else "", flush=True)
+        else:
+            print(f"{self.header} {done}/{self.total} eta {_hms(eta)} {text}", flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
