@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -139,6 +140,9 @@ def main(cfg: Config) -> dict:
         log.info(f"eval {cfg.model.weights or '(random init)'} on {len(val_set)} images: "
                  f"Acc@1 {metrics['acc1']:.3f} (published {_fmt(cfg.expected.acc1)})  "
                  f"Acc@5 {metrics['acc5']:.3f} (published {_fmt(cfg.expected.acc5)})")
+        if dist.is_main:
+            checkpoint.atomic_write_text(out_dir / "eval.json", json.dumps(
+                {"weights": cfg.model.weights, **metrics, "expected": to_dict(cfg.expected)}, indent=2) + "\n")
         distributed.shutdown()
         return metrics
 

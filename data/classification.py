@@ -213,8 +213,12 @@ class EpochSampler(Sampler):
 
 def make_loader(dataset: ImageFolder, sampler: EpochSampler, batch_size: int, workers: int,
                 pin_memory: bool) -> DataLoader:
+    # The loader draws its workers' base seed from `generator` each time an iterator starts; with the
+    # global RNG that draw would happen at a different point in a resumed run and shift every later
+    # dropout / stochastic-depth draw. Augmentation is seeded per sample, so this seed is unused.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False)
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def steps_per_epoch(n_images: int, world_size: int, batch_size: int) -> int:

@@ -1,0 +1,165 @@
+"""train_classification.py end to end on the toy ImageNet, on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from engine import checkpoint
+from engine.config import load_config
+from tests.conftest import ROOT
+
+import train_classification as tc
+
+RECIPE = ROOT / "recipes/toy/classification.yaml"
+
+
+def fast(data_root, out, *extra):
+    """The toy recipe made smaller still: Small at 32 px, 3 epochs, a few seconds."""
+    return ["--recipe", str(RECIPE), f"data.root={data_root}", f"run.output_dir={out}",
+            "model.name=mobilenet_v3_small", "model.width_mult=0.5", "data.crop_size=32", "data.val_resize=36",
+            "data.val_crop=32", "data.workers=0", "schedule.epochs=3", "run.print_freq=100", *extra]
+
+
+def run_script(args, cwd, timeout=300, **popen):
+    return subprocess.run([sys.executable, str(ROOT / "train_classification.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout, **popen)
+
+
+def test_run_directory_contract(toy_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(fast(toy_data / "imagenet", out), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "rmsprop: tf_eps 0.001 -> torch eps sqrt(tf_eps) = 0.0316228" in proc.stdout
+    cfg = load_config(tc.Config, out / "config.yaml")  # the resolved config loads back
+    assert cfg == load_config(tc.Config, RECIPE, fast(toy_data / "imagenet", out)[2:])
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["world_size"] == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert {"acc1", "acc5", "train_loss", "lr", "images_per_s", "data_wait"} <= set(rows[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.pt", "epoch_001.pt",
+                                                                       "epoch_002.pt", "last.pt"]
+    assert list((out / "tensorboard").iterdir())
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert state["epoch"] == 2 and "optimizer" in state and len(state["rng"]) == 1
+    ref = torchvision.models.mobilenet_v3_small(num_classes=10, width_mult=0.5)
+    ref.load_state_dict(state["model"], strict=True)  # torchvision's key layout
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(toy_data, tmp_path):
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    extra = ("schedule.epochs=4", "model.stochastic_depth=0.1", "data.workers=1")
+    assert run_script(fast(toy_data / "imagenet", ref_out, *extra), tmp_path).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_classification.py"),
+                             *fast(toy_data / "imagenet", out, *extra)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "checkpoints" / "epoch_000.pt"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = int(torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"])
+    assert done < 3, "the run finished before it could be killed"
+    resumed = run_script(fast(toy_data / "imagenet", out, *extra), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'checkpoints/last.pt'} (epoch {done} done); continuing at epoch {done + 1}" \
+        in resumed.stdout
+    a, b = _weights(ref_out / "checkpoints/last.pt"), _weights(out / "checkpoints/last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [0, 1, 2, 3]
+
+
+def test_eval_only_prints_published_numbers(toy_data, tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=10, width_mult=0.5).state_dict(), weights)
+    proc = run_script(fast(toy_data / "imagenet", tmp_path / "e", "run.eval_only=true", f"model.weights={weights}",
+                           "expected.acc1=67.668"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Acc@1" in proc.stdout and "(published 67.668)" in proc.stdout and "100 images" in proc.stdout
+
+
+def _copy_tree(src: Path, dst: Path):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing_root", "data.root: {root} does not exist"),
+    ("missing_split", "{root}/val: split folder not found"),
+    ("empty_class", "{root}/train/n00000003_hstripes: class folder has no images"),
+    ("truncated", "{root}/train/n00000000_circle/circle_train_0000.jpg: unreadable or truncated image"),
+    ("garbage", "{root}/train/n00000000_circle/circle_train_0000.jpg: unreadable or truncated image"),
+])
+def test_bad_data_is_a_clear_error(toy_data, tmp_path, damage, message):
+    root = tmp_path / "data"
+    if damage != "missing_root":
+        _copy_tree(toy_data / "imagenet", root)
+    victim = root / "train/n00000000_circle/circle_train_0000.jpg"
+    if damage == "missing_split":
+        import shutil
+
+        shutil.rmtree(root / "val")
+    elif damage == "empty_class":
+        for f in (root / "train/n00000003_hstripes").iterdir():
+            f.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:2000])
+    elif damage == "garbage":
+        victim.write_bytes(b"\x00" * 300)
+    proc = run_script(fast(root, tmp_path / "run", "data.workers=1", "schedule.epochs=1"), tmp_path)
+    assert proc.returncode == 1
+    assert message.format(root=root) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(fast(toy_data / "imagenet", out, "schedule.epochs=1"), tmp_path).returncode == 0
+    before = (out / "checkpoints/last.pt").read_bytes()
+    proc = run_script(fast(toy_data / "imagenet", out, "schedule.epochs=2", "optimizer.lr=1e30",
+                           "run.resume=auto"), tmp_path)
+    assert proc.returncode == 1
+    assert "training loss is not finite at epoch 1, step" in proc.stderr, proc.stderr
+    assert f"the last good checkpoint {out / 'checkpoints/last.pt'} is intact" in proc.stderr
+    assert (out / "checkpoints/last.pt").read_bytes() == before
+    assert not (out / "checkpoints/epoch_001.pt").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo_counts_each_val_image_once(toy_data, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611",
+                           str(ROOT / "train_classification.py"), *fast(toy_data / "imagenet", out,
+                                                                        "schedule.epochs=1")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["val_images"] == 100  # 100 images over 2 ranks: no padded duplicates
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and json.loads((out / "env.json").read_text())["world_size"] == 2
+
+
+def test_derived_values():
+    cfg = load_config(tc.Config, ROOT / "recipes/large.yaml")
+    d = tc.derived(cfg, world_size=8, n_train=1_281_167)
+    assert d["global_batch"] == 1024 and d["steps_per_epoch"] == 1252
+    assert abs(d["torch_rmsprop_eps"] - 0.0316) < 1e-4
