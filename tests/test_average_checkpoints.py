@@ -1,0 +1,141 @@
+import json
+
+import pytest
+import torch
+import torchvision
+
+import average_checkpoints as avg
+from engine import checkpoint
+
+
+def _states(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        m = torchvision.models.mobilenet_v3_small(num_classes=10)
+        sd = {k: (torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point() else v + 7 * i + 1)
+              for k, v in m.state_dict().items()}
+        out.append(sd)
+    return out
+
+
+def _write_run(tmp_path, history, missing=()):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    states = _states(len(history))
+    for row, sd in zip(history, states):
+        if row["epoch"] not in missing:
+            checkpoint.save(checkpoint.new(sd, epoch=row["epoch"], optimizer={},
+                                           config={"model": {"name": "mobilenet_v3_small", "num_classes": 10}}),
+                            run / "checkpoints" / f"epoch_{row['epoch']:03d}.pt")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    return run, states
+
+
+def test_exact_average_against_independent_computation(tmp_path):
+    states = _states(3)
+    paths = []
+    for i, sd in enumerate(states):
+        paths.append(tmp_path / f"{i}.pth")
+        torch.save(sd, paths[-1])
+    out, _ = avg.average(paths)
+    for k, v in out.items():
+        if v.is_floating_point():
+            expected = (sum(s[k].double() for s in states) / 3).float()
+            assert v.dtype == torch.float32 and torch.equal(v, expected), k
+        else:  # integer buffers stay integer: floor of the mean, as torchvision's tool does
+            assert v.dtype == states[0][k].dtype
+            assert torch.equal(v, sum(s[k] for s in states) // 3)
+
+
+HISTORY = [0.5, 0.9, 0.7, 0.9, 1.2, 1.1, 1.5, 1.5, 1.4]  # ties at epochs 1/3 and 6/7
+
+
+def _rows(values):
+    return [{"epoch": e, "acc1": v} for e, v in enumerate(values)]
+
+
+def test_selection_rules_exact():
+    rows = _rows(HISTORY)
+    assert [r["epoch"] for r in avg.select(rows, "last-improved", 3, "acc1")] == [1, 4, 6]
+    assert [r["epoch"] for r in avg.select(rows, "top", 3, "acc1", "max")] == [6, 7, 8]
+    assert [r["epoch"] for r in avg.select(rows, "top", 2, "acc1", "min")] == [0, 2]
+    assert [r["epoch"] for r in avg.select(rows, "top", 1, "acc1", "max")] == [7]  # tie: the later epoch
+    assert [r["epoch"] for r in avg.select(rows, "last", 2, "acc1")] == [7, 8]
+    with pytest.raises(avg.SelectionError, match="only 4 improved"):
+        avg.select(rows, "last-improved", 5, "acc1")
+    derived = rows + [{"epoch": 8, "row": "checkpoint averaging", "acc1": 99.0}]
+    assert [r["epoch"] for r in avg.select(derived, "top", 1, "acc1")] == [7]
+
+
+def test_run_selection_prints_and_writes_metadata(tmp_path, capsys):
+    run, states = _write_run(tmp_path, _rows([1.0, 2.0, 1.5, 3.0, 4.0]))
+    result = avg.main(["--run", str(run), "--select", "last-improved:3", "--out", str(tmp_path / "avg.pt"),
+                       "--export"])
+    text = capsys.readouterr().out
+    assert "epoch    1  acc1 2.000" in text and "epoch    4  acc1 4.000" in text
+    ckpt = torch.load(tmp_path / "avg.pt", weights_only=True)
+    assert [s["epoch"] for s in ckpt["averaged_from"]] == [1, 3, 4] and ckpt["rule"].startswith("last-improved:3")
+    assert ckpt["sha256"] == checkpoint.state_sha256(ckpt["model"])
+    exported = tmp_path / result["export"].split("/")[-1]
+    assert exported.name == f"avg-{avg.file_sha256(exported)[:8]}.pth"
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    model.load_state_dict(torch.load(exported, weights_only=True), strict=True)  # loads into torchvision
+
+
+def test_missing_checkpoint_file_is_named(tmp_path):
+    run, _ = _write_run(tmp_path, _rows([1.0, 2.0, 3.0]), missing=(1,))
+    with pytest.raises(FileNotFoundError, match="epoch_001.pt: selected by last:3 but missing"):
+        avg.main(["--run", str(run), "--select", "last:3", "--out", str(tmp_path / "a.pt")])
+
+
+def test_refuses_mismatched_checkpoints(tmp_path):
+    small = torchvision.models.mobilenet_v3_small().state_dict()
+    large = torchvision.models.mobilenet_v3_large().state_dict()
+    torch.save(small, tmp_path / "s.pth")
+    torch.save(large, tmp_path / "l.pth")
+    with pytest.raises(ValueError, match="keys differ"):
+        avg.average([tmp_path / "s.pth", tmp_path / "l.pth"])
+    narrow = torchvision.models.mobilenet_v3_small(num_classes=10).state_dict()
+    torch.save(narrow, tmp_path / "n.pth")
+    with pytest.raises(ValueError, match=r"classifier.3.weight is torch.float32 \(10, 1024\)"):
+        avg.average([tmp_path / "s.pth", tmp_path / "n.pth"])
+    for i, width in enumerate((0.5, 0.75)):
+        cfg = {"model": {"name": "mobilenet_v3_small", "dropout": 0.2 + i}}
+        checkpoint.save(checkpoint.new(small, config=cfg), tmp_path / f"c{i}.pt")
+    with pytest.raises(ValueError, match="different model config.*model.dropout: 0.2 vs 1.2"):
+        avg.average([tmp_path / "c0.pt", tmp_path / "c1.pt"])
+
+
+def test_averaged_output_loads_strictly_into_torchvision_large(tmp_path):
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        paths.append(tmp_path / f"{i}.pth")
+        torch.save(torchvision.models.mobilenet_v3_large().state_dict(), paths[-1])
+    avg.main(["--inputs", *map(str, paths), "--out", str(tmp_path / "avg.pt")])
+    torchvision.models.mobilenet_v3_large().load_state_dict(
+        torch.load(tmp_path / "avg.pt", weights_only=True)["model"], strict=True)
+
+
+def test_ema_weights(tmp_path):
+    a, b = _states(2)
+    checkpoint.save(checkpoint.new(a, model_ema=b), tmp_path / "x.pt")
+    checkpoint.save(checkpoint.new(b, model_ema=a), tmp_path / "y.pt")
+    out_model, _ = avg.average([tmp_path / "x.pt", tmp_path / "y.pt"], key="model_ema")
+    k = "classifier.3.weight"
+    assert torch.equal(out_model[k], ((a[k].double() + b[k].double()) / 2).float())
+    torch.save(a, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="has no 'model_ema' weights"):
+        avg.average([tmp_path / "plain.pth"], key="model_ema")
+
+
+def test_eval_records_the_averaging_row(toy_data, tmp_path):
+    from tests.test_train_classification import fast, run_script
+
+    run = tmp_path / "run"
+    assert run_script(fast(toy_data / "imagenet", run), tmp_path).returncode == 0
+    result = avg.main(["--run", str(run), "--select", "last:2", "--out", str(tmp_path / "avg.pt"), "--eval"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["row"] == "checkpoint averaging" and rows[-1]["averaged_epochs"] == [1, 2]
+    assert rows[-1]["acc1"] == result["metrics"]["acc1"] and result["metrics"]["val_images"] == 100
