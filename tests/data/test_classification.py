@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+from torchvision.transforms import v2 as T
+
+from data.classification import (BatchTransform, ClassificationDataConfig, EpochSampler, ImageFolder,
+                                 TrainTransform, erase_mask, eval_transform)
+
+
+def _cfg(root, **kw):
+    base = dict(root=str(root), batch_size=8, workers=0, crop_size=64, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                interpolation="bilinear", hflip=0.5, auto_augment="imagenet", auto_augment_interpolation="nearest",
+                random_erasing=0.2, val_resize=73, val_crop=64)
+    return ClassificationDataConfig(**{**base, **kw})
+
+
+def test_per_sample_seeding_independent_of_order_and_worker(toy_data):
+    cfg = _cfg(toy_data / "imagenet")
+    ds = ImageFolder(toy_data / "imagenet/train", TrainTransform(cfg), seed=5, train=True)
+    a = ds[(3, 17)]
+    torch.rand(100)  # disturbing the global RNG changes nothing
+    ds[(3, 18)]
+    b = ds[(3, 17)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    c = ds[(4, 17)]  # another epoch: another augmentation
+    assert not torch.equal(a[0], c[0])
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, sampler=[(3, 17), (3, 18), (3, 19), (3, 20)])
+    assert torch.equal(next(iter(loader))[0][0], a[0])
+
+
+def test_erasing_draw_matches_torchvision_distribution():
+    """Same generator state -> the same box as torchvision's RandomErasing on the normalized tensor."""
+    cfg = _cfg("unused", random_erasing=1.0)
+    tf = TrainTransform(cfg)
+    for seed in range(50):
+        img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+        torch.manual_seed(seed)
+        box = tf.erase_box(img)
+        torch.manual_seed(seed)
+        ref = T.RandomErasing(p=1.0, scale=cfg.erasing_scale, ratio=cfg.erasing_ratio, value=0)(
+            torch.ones(3, 64, 64))
+        ours = BatchTransform((0, 0, 0), (1 / 255, 1 / 255, 1 / 255), False)(torch.ones(1, 3, 64, 64,
+                                                                                       dtype=torch.uint8), box[None])
+        assert torch.equal(ours[0], ref), seed
+
+
+def test_batch_transform_normalizes_like_reference():
+    imgs = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = BatchTransform(mean, std, channels_last=True)(imgs)
+    ref = T.Normalize(mean, std)(imgs.float() / 255)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    mask = erase_mask(torch.tensor([[1, 2, 3, 2, 4], [0, 0, 0, 8, 8]]), 8, 8)
+    assert mask[0].sum() == 8 and mask[1].sum() == 0 and mask[0, 2, 3] and not mask[0, 4, 3]
+
+
+def test_eval_sampler_shards_without_duplicates():
+    shards = [list(EpochSampler(10, r, 3, 0, train=False)) for r in range(3)]
+    indices = sorted(i for s in shards for _, i in s)
+    assert indices == list(range(10))
+    train = [list(EpochSampler(10, r, 3, 0, train=True)) for r in range(3)]
+    assert len({len(s) for s in train}) == 1 and math.ceil(10 / 3) == len(train[0])
+    s = EpochSampler(10, 0, 1, 0, train=True)
+    s.set_epoch(1)
+    first = [i for _, i in s]
+    s.set_epoch(2)
+    assert first != [i for _, i in s] and all(e == 2 for e, _ in s)
+
+
+def test_eval_transform_sizes(toy_data):
+    cfg = _cfg(toy_data / "imagenet")
+    ds = ImageFolder(toy_data / "imagenet/val", eval_transform(cfg), seed=0, train=False)
+    img, target = ds[(0, 0)]
+    assert img.shape == (3, 64, 64) and img.dtype == torch.uint8 and target == 0
