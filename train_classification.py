@@ -274,7 +274,7 @@ def train_one_epoch(model, criterion, optimizer, loader, batch_tf, device, amp_d
     start = tick = time.perf_counter()
     for step, (images, targets, erase) in enumerate(loader):
         wait += time.perf_counter() - tick
-        images = batch_tf(images.to(device, non_blocking=True), erase.to(device, non_blocking=True))
+        images = batch_tf(images.to(device, non_blocking=True), erase)
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             loss = criterion(model(images), targets)
