@@ -111,14 +111,19 @@ def average(paths: list[Path], key: str = "model") -> tuple[dict[str, torch.Tens
                      for k, v in state.items()}
         else:
             _check_same(first, ref_meta, ref_model_cfg, path, state, model_cfg)
-            for k, v in state.items():
-                total[k] += v.to(total[k].dtype)
-        del obj, state
+            _accumulate(total, state)
+        del obj, state  # unmaps the file: no tensor of it survives this iteration
     n = len(paths)
     out = {}
-    for k, (dtype, _) in ref_meta.items():
-        out[k] = (total[k] / n).to(dtype) if dtype.is_floating_point else (total[k] // n).to(dtype)
+    for k, (dtype, _) in ref_meta.items():  # each sum is released as soon as its mean exists
+        acc = total.pop(k)
+        out[k] = acc.div_(n).to(dtype) if dtype.is_floating_point else acc.floor_divide_(n).to(dtype)
     return out, ref_model_cfg
+
+
+def _accumulate(total: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    for k, v in state.items():
+        total[k].add_(v)  # in place, promoted to the accumulator's float64 / int64
 
 
 def _check_same(first: Path, ref_meta: dict, ref_cfg: dict | None, path: Path, state: dict,
