@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate_in_run(args.run, args.out)
         row = {"epoch": max(epochs), "row": "checkpoint averaging", "acc1": metrics["acc1"], "acc5": metrics["acc5"],
                "averaged_epochs": epochs, "rule": rule_text, "weights_file": str(args.out)}
-        with open(args.run / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        # one row per rule: running the same averaging again replaces its row
+        kept = [r for r in history if not (r.get("row") == row["row"] and r.get("rule") == rule_text)]
+        checkpoint.atomic_write_text(args.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept + [row]))
         result["metrics"] = metrics
     return result
 

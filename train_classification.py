@@ -198,6 +198,8 @@ def main(cfg: Config) -> dict:
         train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- loop
+    if start_epoch >= cfg.schedule.epochs:
+        log.info(f"all {cfg.schedule.epochs} epochs are done in {out_dir}; nothing to train")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.schedule.epochs):
