@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     opt_kw = dict(lr=0.064, alpha=0.9, eps=math.sqrt(1e-3), momentum=0.9, weight_decay=1e-5)
-    uint8 = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
+    uint8 = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)  # as the loader yields
     erase = torch.zeros(args.batch, 5, dtype=torch.int32)
     erase[::5] = torch.tensor([1, 20, 30, 60, 50], dtype=torch.int32)
     targets = torch.randint(0, 1000, (args.batch,))

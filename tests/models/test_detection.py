@@ -7,6 +7,7 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from models import build, count_detector_mult_adds
+from models.flops import detector_mult_adds_breakdown
 from models.detection import count_parameters
 
 TV = {"fasterrcnn_mobilenet_v3_large_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
@@ -67,3 +68,11 @@ def test_mult_adds_reported_with_proposals():
     m = build("fasterrcnn_mobilenet_v3_large_320_fpn")
     macs, proposals = count_detector_mult_adds(m, torch.rand(3, 320, 320))
     assert 0 < proposals <= 150 and macs > 0
+
+
+@pytest.mark.parametrize("name,size,gflops", [("fasterrcnn_mobilenet_v3_large_fpn", 800, 4.494),
+                                              ("fasterrcnn_mobilenet_v3_large_320_fpn", 320, 0.719)])
+def test_published_detector_gflops_are_the_count_without_proposals(name, size, gflops):
+    fixed, per_proposal = detector_mult_adds_breakdown(build(name), size)
+    assert round(fixed / 1e9, 3) == gflops
+    assert round(per_proposal / 1e6, 2) == 14.36  # TwoMLPHead 12544->1024->1024 + predictors
