@@ -78,18 +78,14 @@ class Config:
 
 
 def derived(cfg: Config, world_size: int | None = None, n_train: int | None = None) -> dict:
-    """Values computed from the recipe (logged; never written back into it)."""
-    world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or _recipe_world_size(cfg)
+    """Values computed from the recipe (logged; never written back into it). Without a running
+    process group, the world size is torchrun's WORLD_SIZE, else the recipe's run.world_size, else 1."""
+    world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.run.world_size or 1
     out = {"world_size": world, "global_batch": cfg.data.batch_size * world,
            "torch_rmsprop_eps": cfg.optimizer.torch_eps() if cfg.optimizer.name == "rmsprop" else None}
     if n_train is not None:
         out["steps_per_epoch"] = steps_per_epoch(n_train, world, cfg.data.batch_size)
     return out
-
-
-def _recipe_world_size(cfg: Config) -> int:
-    """--print-config outside torchrun: the published runs used 8 processes; toy recipes one."""
-    return 1 if "toy" in cfg.run.output_dir else 8
 
 
 # ============================================================================ main
@@ -188,6 +184,10 @@ def main(cfg: Config) -> dict:
     log.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
              f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes; "
              + ", ".join(f"{k} {v}" for k, v in facts.items() if v is not None))
+    if cfg.run.world_size is not None and cfg.run.world_size != dist.world_size:
+        log.info(f"warning: the recipe was tuned for {cfg.run.world_size} processes x {cfg.data.batch_size} = "
+                 f"global batch {cfg.run.world_size * cfg.data.batch_size}; this run has {dist.world_size} "
+                 f"(global batch {facts['global_batch']}): results will differ from the published ones")
     if cfg.optimizer.name == "rmsprop" and cfg.optimizer.tf_eps is not None:
         log.info(f"rmsprop: tf_eps {cfg.optimizer.tf_eps} -> torch eps sqrt(tf_eps) = {cfg.optimizer.torch_eps():.6g}")
 

@@ -389,9 +389,13 @@ class RunConfig:
     eval_only: bool = False
     keep_checkpoints: int | None = None          # epoch_NNN.pt files kept; None keeps all (averaging needs them)
     print_freq: int = 50                         # steps between progress lines in batch jobs
+    world_size: int | None = None                # processes the recipe was tuned for (None: any); a run with
+                                                 # another count warns, as its global batch differs
 
     def validate(self):
         if self.keep_checkpoints is not None and self.keep_checkpoints < 0:
             yield "keep_checkpoints", f"expected a count >= 0 or null, got {self.keep_checkpoints}"
+        if self.world_size is not None and self.world_size < 1:
+            yield "world_size", f"expected a process count >= 1 or null, got {self.world_size}"
         if self.print_freq <= 0:
             yield "print_freq", f"expected a positive number of steps, got {self.print_freq}"

@@ -37,21 +37,24 @@ def lraspp_mobilenet_v3_large(num_classes: int = 21, *, backbone_weights=None, l
     return LRASPP(body, ch["low"], ch["high"], num_classes, inter_channels)
 
 
-def deeplabv3_mobilenet_v3_large(num_classes: int = 21, *, backbone_weights=None, aux_loss: bool = False,
-                                 out: str = "last_conv", aux: str = "block4") -> DeepLabV3:
+def _out_and_aux(num_classes: int, backbone_weights, aux_loss: bool, out: str, aux: str):
+    """Backbone body returning "out" (and "aux"), the out channels, and the optional aux FCN head."""
     taps = {out: "out", aux: "aux"} if aux_loss else {out: "out"}
     body, ch = _getter(_dilated_backbone(backbone_weights), taps)
-    aux_head = FCNHead(ch["aux"], num_classes) if aux_loss else None
-    return DeepLabV3(body, DeepLabHead(ch["out"], num_classes), aux_head)
+    return body, ch["out"], FCNHead(ch["aux"], num_classes) if aux_loss else None
+
+
+def deeplabv3_mobilenet_v3_large(num_classes: int = 21, *, backbone_weights=None, aux_loss: bool = False,
+                                 out: str = "last_conv", aux: str = "block4") -> DeepLabV3:
+    body, out_channels, aux_head = _out_and_aux(num_classes, backbone_weights, aux_loss, out, aux)
+    return DeepLabV3(body, DeepLabHead(out_channels, num_classes), aux_head)
 
 
 def fcn_mobilenet_v3_large(num_classes: int = 21, *, backbone_weights=None, aux_loss: bool = False,
                            out: str = "last_conv", aux: str = "block4") -> FCN:
     """The unreleased FCN: FCNHead(960 -> 240 -> classes) on the last feature, optional aux FCNHead."""
-    taps = {out: "out", aux: "aux"} if aux_loss else {out: "out"}
-    body, ch = _getter(_dilated_backbone(backbone_weights), taps)
-    aux_head = FCNHead(ch["aux"], num_classes) if aux_loss else None
-    return FCN(body, FCNHead(ch["out"], num_classes), aux_head)
+    body, out_channels, aux_head = _out_and_aux(num_classes, backbone_weights, aux_loss, out, aux)
+    return FCN(body, FCNHead(out_channels, num_classes), aux_head)
 
 
 def head_parameters(model: nn.Module) -> int:

@@ -163,3 +163,23 @@ def test_derived_values():
     d = tc.derived(cfg, world_size=8, n_train=1_281_167)
     assert d["global_batch"] == 1024 and d["steps_per_epoch"] == 1252
     assert abs(d["torch_rmsprop_eps"] - 0.0316) < 1e-4
+
+
+def test_ema_evaluated_beside_raw_model_and_bf16_autocast(toy_data, tmp_path):
+    out = tmp_path / "ema"
+    proc = run_script(fast(toy_data / "imagenet", out, "schedule.epochs=1", "train.ema_decay=0.9",
+                           "train.amp=bf16", "run.world_size=8"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "the recipe was tuned for 8 processes" in proc.stdout
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"acc1_ema", "acc5_ema"} <= set(row)
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert state["model_ema"].keys() == state["model"].keys()
+    assert not torch.equal(state["model_ema"]["classifier.3.weight"], state["model"]["classifier.3.weight"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+def test_cuda_amp_channels_last_smoke(toy_data, tmp_path):
+    proc = run_script(fast(toy_data / "imagenet", tmp_path / "cuda", "schedule.epochs=1", "run.device=cuda",
+                           "train.amp=fp16"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
