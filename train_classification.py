@@ -175,6 +175,9 @@ def main(cfg: Config) -> dict:
             seeding.seed_everything(cfg.run.seed + 1000 * start_epoch + dist.rank)
         log.truncate_after(state["epoch"])
         log.info(f"resumed from {resume_path} (epoch {state['epoch']} done); continuing at epoch {start_epoch}")
+        changed = _changed_keys(state.get("config", {}), to_dict(cfg))
+        if changed:
+            log.info(f"note: the recipe differs from the checkpoint's in: {', '.join(changed)}")
     elif cfg.run.resume == "auto":
         log.info(f"run.resume=auto: no checkpoint in {ckpt_dir}, starting from scratch")
     if dist.is_main:
@@ -240,6 +243,17 @@ def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
     return path
 
 
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
 def _save(model, optimizer, ema, scaler, cfg: Config, epoch: int, metrics: dict, history: list,
           ckpt_dir: Path, dist: distributed.DistState) -> None:
     rng = seeding.rng_state()
@@ -301,10 +315,9 @@ def train_one_epoch(model, criterion, optimizer, loader, batch_tf, device, amp_d
         n_images += images.shape[0]
         if (step + 1) % check_every == 0 or step + 1 == total:
             _check_finite(first_bad, loss_sum, epoch, cfg)
-        if dist.is_main and ((step + 1) % cfg.run.print_freq == 0 or step + 1 == total or sys.stdout.isatty()):
-            elapsed = time.perf_counter() - start
+        if progress.due(step):  # .item() syncs with the device: only when a line is printed
             progress.update(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
-                            img_s=n_images * dist.world_size / elapsed)
+                            img_s=n_images * dist.world_size / (time.perf_counter() - start))
         tick = time.perf_counter()
     elapsed = time.perf_counter() - start
     sums = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(total, dtype=torch.float64,

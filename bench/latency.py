@@ -34,7 +34,7 @@ def main(argv=None) -> list[dict]:
         ours.load_state_dict(ref.state_dict())
         with torch.inference_mode():
             torch.testing.assert_close(ours(x), ref(x))
-            t = interleaved({"tv": lambda: ref(x), "ours": lambda: ours(x)}, args.reps, warmup=5)
+            t = interleaved({"tv": lambda r=ref: r(x), "ours": lambda m=ours: m(x)}, args.reps, warmup=5)
         ratio = t["tv"] / t["ours"]
         rows.append({"model": name, "torchvision_ms": 1e3 * t["tv"], "ours_ms": 1e3 * t["ours"], "ratio": ratio})
         print(f"{name:24s} {1e3 * t['tv']:15.2f} {1e3 * t['ours']:9.2f} {ratio:6.2f}")

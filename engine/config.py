@@ -155,6 +155,7 @@ class _Converter:
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
+        problems_before = len(self.problems)
         for name, value in raw.items():
             key = f"{prefix}.{name}" if prefix else str(name)
             if name not in fields:
@@ -173,24 +174,14 @@ class _Converter:
                     kwargs[name] = self.build(hints[name], {}, key)
                 else:
                     self.fail(key, f"missing: expected {_type_name(hints[name])} (this field has no default)")
-        if any(v is None and fields[k].default is dataclasses.MISSING and not _optional(hints[k])
-               for k, v in kwargs.items()):
-            return None  # a problem was already recorded for it
-        try:
-            obj = cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            if not self.problems:
-                self.fail(prefix or "<top>", str(exc))
-            return None
+        if len(self.problems) > problems_before:
+            return None  # reported above; cross-field checks need every field well-typed
+        obj = cls(**kwargs)
         check = getattr(obj, "validate", None)
         if check is not None:
             for key, msg in check():
                 self.fail(f"{prefix}.{key}" if prefix else key, msg)
         return obj
-
-
-def _optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _accepts_float(tp: Any) -> bool:

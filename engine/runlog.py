@@ -108,13 +108,16 @@ class Progress:
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.start = time.perf_counter()
 
+    def due(self, step: int) -> bool:
+        """Whether update(step) would print: every step on a terminal, every `every` steps and the last otherwise."""
+        done = step + 1
+        return self.enabled and (self.interactive or done % self.every == 0 or done == self.total)
+
     def update(self, step: int, **fields: float) -> None:
-        if not self.enabled:
+        if not self.due(step):
             return
         done = step + 1
         last = done == self.total
-        if not self.interactive and not (done % self.every == 0 or last):
-            return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (self.total - done)
         text = " ".join(f"{k} {v:.4g}" for k, v in fields.items())

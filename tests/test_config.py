@@ -80,6 +80,13 @@ def test_all_errors_reported_at_once(recipe):
     assert f"{recipe}: extra_section: unknown key" in text
 
 
+def test_bad_value_of_a_defaulted_field_is_reported_not_raised(recipe):
+    with pytest.raises(ConfigError, match="command line: run.print_freq: expected int, got 'often'"):
+        load_config(Cfg, recipe, ["run.print_freq=often"])
+    with pytest.raises(ConfigError, match="run.print_freq: expected a positive number of steps"):
+        load_config(Cfg, recipe, ["run.print_freq=0"])
+
+
 def test_misspelt_key_in_file_names_file(recipe):
     recipe.write_text(RECIPE.replace("weight_decay", "weight_decy"))
     with pytest.raises(ConfigError) as err:

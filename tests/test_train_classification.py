@@ -12,7 +12,6 @@ import pytest
 import torch
 import torchvision
 
-from engine import checkpoint
 from engine.config import load_config
 from tests.conftest import ROOT
 
@@ -140,6 +139,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path):
     assert "training loss is not finite at epoch 1, step" in proc.stderr, proc.stderr
     assert f"the last good checkpoint {out / 'checkpoints/last.pt'} is intact" in proc.stderr
     assert (out / "checkpoints/last.pt").read_bytes() == before
+    assert "the recipe differs from the checkpoint's in: optimizer.lr, schedule.epochs" in proc.stdout
     assert not (out / "checkpoints/epoch_001.pt").exists()
 
 

@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 from torchvision.transforms import v2 as T
 
