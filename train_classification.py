@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.classification import (BatchTransform, ClassificationDataConfig, DataError, EpochSampler, ImageFolder,
-                                 TrainTransform, eval_transform, make_loader, steps_per_epoch)
+                                 TrainTransform, count_images, eval_transform, make_loader, steps_per_epoch)
 from engine import checkpoint, distributed, runlog, seeding
 from engine.config import RunConfig, cli, save_config, to_dict
 from engine.metrics import topk_correct
@@ -83,7 +83,10 @@ def derived(cfg: Config, world_size: int | None = None, n_train: int | None = No
     world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.run.world_size or 1
     out = {"world_size": world, "global_batch": cfg.data.batch_size * world,
            "torch_rmsprop_eps": cfg.optimizer.torch_eps() if cfg.optimizer.name == "rmsprop" else None}
+    if n_train is None:  # --print-config: count the training images when the data is at hand
+        n_train = count_images(Path(cfg.data.root) / "train")
     if n_train is not None:
+        out["train_images"] = n_train
         out["steps_per_epoch"] = steps_per_epoch(n_train, world, cfg.data.batch_size)
     return out
 

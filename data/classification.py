@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -253,6 +254,14 @@ def make_loader(dataset: ImageFolder, sampler: EpochSampler, batch_size: int, wo
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
                       generator=torch.Generator().manual_seed(0))
+
+
+def count_images(split_dir: Path) -> int | None:
+    """Number of images in an ImageFolder split without sorting or decoding; None if it is not there."""
+    if not split_dir.is_dir():
+        return None
+    return sum(1 for c in os.scandir(split_dir) if c.is_dir()
+               for f in os.scandir(c.path) if f.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def steps_per_epoch(n_images: int, world_size: int, batch_size: int) -> int:

@@ -129,3 +129,12 @@ def test_print_config_shows_derived_values(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.064" in proc.stdout
     assert "global_batch: 1024" in proc.stdout  # 128 per process x 8 processes
+    assert "steps_per_epoch" not in proc.stdout  # /data/imagenet is not on this machine
+
+
+def test_print_config_counts_steps_when_data_is_present(toy_data, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_classification.py"), "--recipe", str(ROOT / "recipes/toy/classification.yaml"),
+         f"data.root={toy_data / 'imagenet'}", "--print-config"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "train_images: 400" in proc.stdout and "steps_per_epoch: 13" in proc.stdout
