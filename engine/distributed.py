@@ -70,19 +70,6 @@ def all_reduce_sum(t: torch.Tensor, state: DistState) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, state: DistState):
-    if not state.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier(state: DistState) -> None:
-    if state.distributed:
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

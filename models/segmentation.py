@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
@@ -55,7 +54,3 @@ def fcn_mobilenet_v3_large(num_classes: int = 21, *, backbone_weights=None, aux_
     """The unreleased FCN: FCNHead(960 -> 240 -> classes) on the last feature, optional aux FCNHead."""
     body, out_channels, aux_head = _out_and_aux(num_classes, backbone_weights, aux_loss, out, aux)
     return FCN(body, FCNHead(out_channels, num_classes), aux_head)
-
-
-def head_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
