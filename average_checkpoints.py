@@ -81,19 +81,6 @@ def _model_state(obj: dict, key: str, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj[key].items()}
 
 
-def _open(path: Path) -> dict:
-    try:  # memory-mapped: only the tensors we touch are read from disk
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: checkpoint not found") from None
-    except Exception:
-        obj = checkpoint.load(path)  # legacy (non-zip) files cannot be mapped; load() explains bad ones
-    if isinstance(obj, dict) and obj.get("format") != checkpoint.FORMAT and all(
-            isinstance(v, torch.Tensor) for v in obj.values()):
-        obj = {"model": obj}
-    return obj
-
-
 def average(paths: list[Path], key: str = "model") -> tuple[dict[str, torch.Tensor], dict | None]:
     """Mean of the `key` weights of `paths`; refuses different keys, shapes, dtypes or model configs."""
     if not paths:
@@ -101,7 +88,7 @@ def average(paths: list[Path], key: str = "model") -> tuple[dict[str, torch.Tens
     total: dict[str, torch.Tensor] = {}
     ref_meta, ref_model_cfg, first = None, None, paths[0]
     for i, path in enumerate(paths):
-        obj = _open(Path(path))
+        obj = checkpoint.load(path, mmap=True)  # only the weights are ever read from disk
         state = _model_state(obj, key, path)
         model_cfg = (obj.get("config") or {}).get("model")
         if i == 0:

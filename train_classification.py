@@ -317,7 +317,7 @@ def train_one_epoch(model, criterion, optimizer, loader, batch_tf, device, amp_d
         loss_sum += loss
         n_images += images.shape[0]
         if (step + 1) % check_every == 0 or step + 1 == total:
-            _check_finite(first_bad, loss_sum, epoch, cfg)
+            _check_finite(first_bad, epoch, cfg)
         if progress.due(step):  # .item() syncs with the device: only when a line is printed
             progress.update(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
                             img_s=n_images * dist.world_size / (time.perf_counter() - start))
@@ -329,7 +329,7 @@ def train_one_epoch(model, criterion, optimizer, loader, batch_tf, device, amp_d
             "data_wait": wait / elapsed}
 
 
-def _check_finite(first_bad: torch.Tensor, loss_sum: torch.Tensor, epoch: int, cfg: Config) -> None:
+def _check_finite(first_bad: torch.Tensor, epoch: int, cfg: Config) -> None:
     bad = int(first_bad.item())
     if bad >= 0:
         last = Path(cfg.run.output_dir) / "checkpoints" / "last.pt"

@@ -46,13 +46,22 @@ def new(model_state: dict[str, torch.Tensor], **entries: Any) -> dict[str, Any]:
     return {"format": FORMAT, "version": FORMAT_VERSION, "model": model_state, **entries}
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a project checkpoint or a plain state dict (returned as {"model": state_dict})."""
+def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a project checkpoint or a plain state dict (returned as {"model": state_dict}).
+
+    mmap: map the file instead of reading it, so only the tensors used are ever read (files in
+    torch's legacy non-zip format cannot be mapped and are read whole).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):

@@ -23,6 +23,8 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
+from engine.checkpoint import atomic_write_text
+
 COMMAND_LINE = "command line"
 _NONE_WORDS = ("None", "none", "null", "Null", "~")
 
@@ -294,8 +296,6 @@ def dump_config(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    from engine.checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), dump_config(cfg))
 
 
