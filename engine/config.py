@@ -380,13 +380,22 @@ class RunConfig:
     eval_only: bool = False
     keep_checkpoints: int | None = None          # epoch_NNN.pt files kept; None keeps all (averaging needs them)
     print_freq: int = 50                         # steps between progress lines in batch jobs
-    world_size: int | None = None                # processes the recipe was tuned for (None: any); a run with
-                                                 # another count warns, as its global batch differs
+    world_size: int | None = None                # processes the recipe was tuned for (documentation and
+                                                 # --print-config; the global batch is what is enforced)
+    global_batch: int | None = None              # images per optimizer step the recipe was tuned for; a run
+                                                 # with fewer processes accumulates to it (train.accumulate)
+    allow_changes: bool = False                  # resume even though the recipe changed (changes take effect)
+    divergence_factor: float | None = 10.0       # stop when a step's loss exceeds this x the run's starting
+                                                 # loss (mean of its first 10 optimizer steps); None: off
 
     def validate(self):
         if self.keep_checkpoints is not None and self.keep_checkpoints < 0:
             yield "keep_checkpoints", f"expected a count >= 0 or null, got {self.keep_checkpoints}"
         if self.world_size is not None and self.world_size < 1:
             yield "world_size", f"expected a process count >= 1 or null, got {self.world_size}"
+        if self.global_batch is not None and self.global_batch < 1:
+            yield "global_batch", f"expected a positive number of images or null, got {self.global_batch}"
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            yield "divergence_factor", f"expected a factor > 1 or null (off), got {self.divergence_factor}"
         if self.print_freq <= 0:
             yield "print_freq", f"expected a positive number of steps, got {self.print_freq}"

@@ -11,7 +11,7 @@ from models.flops import count_detector_mult_adds, count_mult_adds
 from models.mobilenetv3 import MobileNetV3, mobilenet_v3_large, mobilenet_v3_small
 from models.quantizable import quantizable_mobilenet_v3_large
 from models.segmentation import deeplabv3_mobilenet_v3_large, fcn_mobilenet_v3_large, lraspp_mobilenet_v3_large
-from models.weights import load_weights
+from models.weights import load_backbone_weights, load_weights
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v3_large": mobilenet_v3_large,
@@ -33,4 +33,4 @@ def build(name: str, **kwargs) -> nn.Module:
     return builder(**kwargs)
 
 
-__all__ = ["MODELS", "MobileNetV3", "build", "count_detector_mult_adds", "count_mult_adds", "load_weights"]
+__all__ = ["MODELS", "MobileNetV3", "build", "count_detector_mult_adds", "count_mult_adds", "load_backbone_weights", "load_weights"]

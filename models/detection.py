@@ -18,7 +18,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from models.mobilenetv3 import MobileNetV3
-from models.weights import load_weights
+from models.weights import load_backbone_weights
 
 DEFAULT_TAPS = ("block13", "last_conv")
 
@@ -51,7 +51,7 @@ def _fasterrcnn(num_classes: int, backbone_weights: str | Path | None, trainable
     # BatchNorm2d when not frozen; both with PyTorch's eps 1e-5 (not the classifier's 0.001).
     backbone = MobileNetV3("large", dilated=False, norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
     if pretrained:
-        load_weights(backbone, backbone_weights)
+        load_backbone_weights(backbone, backbone_weights)
     fpn = mobilenet_fpn_backbone(backbone, tuple(taps), trainable_layers)
     n_levels = len(taps) + 1  # + the max-pool level
     anchors = AnchorGenerator((tuple(anchor_sizes),) * n_levels, (tuple(aspect_ratios),) * n_levels)

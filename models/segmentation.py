@@ -14,13 +14,13 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 from torchvision.models.segmentation.lraspp import LRASPP
 
 from models.mobilenetv3 import MobileNetV3
-from models.weights import load_weights
+from models.weights import load_backbone_weights
 
 
 def _dilated_backbone(backbone_weights: str | Path | None) -> MobileNetV3:
     backbone = MobileNetV3("large", dilated=True)
     if backbone_weights is not None:  # ImageNet weights of the non-dilated model fit: dilation has no weights
-        load_weights(backbone, backbone_weights)
+        load_backbone_weights(backbone, backbone_weights)
     return backbone
 
 
