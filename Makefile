@@ -29,6 +29,7 @@ bench: $(STAMP) $(TOY)/.done
 	$(PY) bench/train_throughput.py
 	$(PY) bench/data_throughput.py --data $(TOY)
 	$(PY) bench/average_memory.py
+	$(PY) bench/accumulation.py
 
 clean:
 	rm -rf runs $(TOY)

@@ -29,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision import transforms as V1
 from torchvision.transforms import v2 as T
 
+from engine.errors import DataError  # noqa: F401  (re-exported: the scripts' data errors)
 from engine.seeding import sample_seed
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -38,10 +39,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
                  "bicubic": InterpolationMode.BICUBIC}
-
-
-class DataError(Exception):
-    """A problem with the dataset on disk; the message names the path."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +69,19 @@ class ClassificationDataConfig:
         for name in ("hflip", "random_erasing"):
             if not 0 <= getattr(self, name) <= 1:
                 yield name, f"expected a probability in [0, 1], got {getattr(self, name)}"
+        for name in ("crop_size", "val_resize", "val_crop"):
+            if getattr(self, name) <= 0:
+                yield name, f"expected a positive size in pixels, got {getattr(self, name)}"
+        if 0 < self.val_resize < self.val_crop:
+            yield "val_crop", f"expected <= val_resize ({self.val_resize}): the center crop is taken from the resized image"
+        for name, hi in (("scale", 1.0), ("erasing_scale", 1.0), ("ratio", None), ("erasing_ratio", None)):
+            lo_v, hi_v = getattr(self, name)
+            if not (0 < lo_v <= hi_v and (hi is None or hi_v <= hi)):
+                bound = f"0 < min <= max <= {hi}" if hi else "0 < min <= max"
+                yield name, f"expected [min, max] with {bound}, got {list(getattr(self, name))}"
+        for name in ("mean", "std"):
+            if name == "std" and any(v <= 0 for v in self.std):
+                yield "std", f"expected positive values, got {list(self.std)}"
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -94,13 +104,29 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
     return classes, samples
 
 
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"RIFF": "WebP", b"GIF8": "GIF"}
+
+
 def decode(path: str) -> torch.Tensor:
-    """File -> uint8 RGB tensor (C, H, W); a clear DataError naming the file if it is not an image."""
+    """File -> uint8 RGB tensor (C, H, W); a clear DataError naming the file if it is not an image.
+    16-bit PNGs keep their 8 most significant bits (what an 8-bit export of the image holds)."""
     try:
-        return io.decode_image(io.read_file(path), mode=io.ImageReadMode.RGB)
+        data = io.read_file(path)
     except (RuntimeError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[-1].split(", ")[-1]
-        raise DataError(f"{path}: unreadable or truncated image ({reason})") from None
+        raise DataError(f"{path}: cannot read the file ({exc})") from None
+    try:
+        image = io.decode_image(data, mode=io.ImageReadMode.RGB)
+    except RuntimeError as exc:
+        head = bytes(data[:8].tolist())
+        kind = next((k for sig, k in _SIGNATURES.items() if head.startswith(sig)), None)
+        if kind is None:
+            raise DataError(f"{path}: not an image (the file starts with bytes {head.hex(' ')}, not a JPEG, PNG, "
+                            "WebP or GIF signature)") from None
+        reason = str(exc).strip().splitlines()[0].split(", ")[-1]
+        raise DataError(f"{path}: unreadable or truncated {kind} image ({reason})") from None
+    if image.dtype != torch.uint8:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
 
 
 class ImageFolder(Dataset):
@@ -246,14 +272,13 @@ class EpochSampler(Sampler):
         return len(self._dist) if self._dist is not None else len(range(self.rank, self.n, self.world))
 
 
-def make_loader(dataset: ImageFolder, sampler: EpochSampler, batch_size: int, workers: int,
-                pin_memory: bool) -> DataLoader:
+def make_loader(dataset: ImageFolder, batches: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+    """`batches`: a batch sampler (training: engine.loop.EpochBatches, resumable mid-epoch)."""
     # The loader draws its workers' base seed from `generator` each time an iterator starts; with the
     # global RNG that draw would happen at a different point in a resumed run and shift every later
     # dropout / stochastic-depth draw. Augmentation is seeded per sample, so this seed is unused.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
 
 def count_images(split_dir: Path) -> int | None:

@@ -213,6 +213,11 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
+def load_config_dict(path: str | Path) -> dict:
+    """A recipe or config.yaml as a plain nested dict (no type checks)."""
+    return _read_yaml(Path(path))
+
+
 def parse_overrides(overrides: list[str]) -> tuple[dict, set[str], list[str]]:
     """`a.b=c` strings -> nested dict of _CliText, the set of dotted keys, and malformed ones."""
     nested: dict = {}
@@ -253,6 +258,7 @@ def load_config(cls: type, recipe: str | Path | None, overrides: list[str] = ())
     file_label = str(recipe) if recipe is not None else "<no recipe>"
     if recipe is not None:
         raw = _read_yaml(Path(recipe))
+    file_keys = set(_dotted_keys(raw))
     cli, cli_keys, bad = parse_overrides(list(overrides))
     problems += bad
     raw = _merge(raw, cli)
@@ -261,7 +267,10 @@ def load_config(cls: type, recipe: str | Path | None, overrides: list[str] = ())
         plain = key.split("[")[0]
         parts = plain.split(".")
         prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
-        return COMMAND_LINE if prefixes & cli_keys else file_label
+        # a key typed on the command line, or a section that only the command line mentions
+        if prefixes & cli_keys or (plain not in file_keys and any(k.startswith(plain + ".") for k in cli_keys)):
+            return COMMAND_LINE
+        return file_label
 
     conv = _Converter(source)
     cfg = conv.build(cls, raw, "")
@@ -269,6 +278,13 @@ def load_config(cls: type, recipe: str | Path | None, overrides: list[str] = ())
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _dotted_keys(raw: dict, prefix: str = ""):
+    for k, v in raw.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _dotted_keys(v, f"{prefix}{k}.")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -311,7 +327,7 @@ def cli(cls: type, argv: list[str] | None = None, derived: Callable[[Any], dict]
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or Path(sys.argv[0]).name
-    usage = f"usage: {prog} --recipe PATH [--print-config] [section.key=value ...]"
+    usage = f"usage: {prog} --recipe PATH [--print-config] [--check-data] [section.key=value ...]"
     recipe = None
     print_config = False
     overrides: list[str] = []
@@ -329,6 +345,8 @@ def cli(cls: type, argv: list[str] | None = None, derived: Callable[[Any], dict]
             recipe = arg.split("=", 1)[1]
         elif arg == "--print-config":
             print_config = True
+        elif arg == "--check-data":  # decode every image up front (run.check_data), then train
+            overrides.append("run.check_data=true")
         elif arg.startswith("-"):
             _die(prog, [f"{COMMAND_LINE}: unknown option {arg!r}"], usage)
         else:
@@ -385,8 +403,9 @@ class RunConfig:
     global_batch: int | None = None              # images per optimizer step the recipe was tuned for; a run
                                                  # with fewer processes accumulates to it (train.accumulate)
     allow_changes: bool = False                  # resume even though the recipe changed (changes take effect)
+    check_data: bool = False                     # decode every image before training (--check-data)
     divergence_factor: float | None = 10.0       # stop when a step's loss exceeds this x the run's starting
-                                                 # loss (mean of its first 10 optimizer steps); None: off
+                                                 # loss (its first optimizer step's); None: off
 
     def validate(self):
         if self.keep_checkpoints is not None and self.keep_checkpoints < 0:

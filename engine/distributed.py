@@ -70,6 +70,21 @@ def all_reduce_sum(t: torch.Tensor, state: DistState) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, state: DistState) -> torch.Tensor:
+    if state.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_object(obj, state: DistState) -> list:
+    """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+    if not state.distributed:
+        return [obj]
+    out = [None] * state.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

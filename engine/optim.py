@@ -36,6 +36,9 @@ class OptimizerConfig:
     eps: Optional[float] = None                    # PyTorch's eps, used as is (not with tf_eps)
     nesterov: bool = False                         # sgd
     betas: tuple[float, float] = (0.9, 0.999)      # adamw
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # when a run's global batch differs from the
+                                                   # recipe's run.global_batch: scale lr (and warm-up start
+                                                   # values) by global/tuned, or its square root
 
     def validate(self):
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -76,6 +79,11 @@ class ScheduleConfig:
     lr_noise_pct: float = 0.67
     lr_noise_std: float = 1.0
     lr_noise_seed: int = 42
+    warmup_iters: int = 0                          # epoch-0 warm-up over min(warmup_iters, steps/epoch - 1)
+    warmup_factor: float = 0.001                   # optimizer steps, from lr x warmup_factor (torchvision's
+                                                   # detection LinearLR); applies on top of the schedule
+    per_iteration: bool = False                    # evaluate the schedule at fractional epochs every
+                                                   # optimizer step (segmentation's per-iteration poly)
 
     def validate(self):
         if self.epochs <= 0:
@@ -84,6 +92,12 @@ class ScheduleConfig:
         for field in need.get(self.name, ()):
             if getattr(self, field) is None:
                 yield field, f"required for schedule name: {self.name}"
+        if self.warmup_epochs < 0 or self.warmup_iters < 0:
+            yield "warmup_epochs" if self.warmup_epochs < 0 else "warmup_iters", "expected >= 0"
+        if not 0 < self.warmup_factor <= 1:
+            yield "warmup_factor", f"expected a factor in (0, 1], got {self.warmup_factor}"
+        if self.lr_noise is not None and self.per_iteration:
+            yield "per_iteration", "LR noise is drawn per epoch: use per_iteration: false with lr_noise"
         if self.lr_noise is not None and not self.lr_noise[0] < self.lr_noise[1]:
             yield "lr_noise", f"expected [start_epoch, end_epoch) with start < end, got {list(self.lr_noise)}"
 
@@ -97,29 +111,37 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: Optio
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": norm_weight_decay}]
 
 
-def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, groups: list[dict], lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The recipe's optimizer over `groups`; a group may carry its own "lr" (e.g. a head at 10x).
+    lr_scale multiplies every LR (the global-batch rule of engine.loop.plan_batch)."""
+    lr = cfg.lr * lr_scale
+    groups = [{**g, "lr": g["lr"] * lr_scale} if "lr" in g else g for g in groups]
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.torch_eps(), momentum=cfg.momentum)
+        return torch.optim.RMSprop(groups, lr=lr, alpha=cfg.alpha, eps=cfg.torch_eps(), momentum=cfg.momentum)
     if cfg.name == "rmsprop_tf":
         from timm.optim import RMSpropTF
 
-        return RMSpropTF(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.torch_eps(), momentum=cfg.momentum)
+        return RMSpropTF(groups, lr=lr, alpha=cfg.alpha, eps=cfg.torch_eps(), momentum=cfg.momentum)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.torch_eps())
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.torch_eps())
     raise AssertionError(cfg.name)  # the config's Literal rules this out
 
 
 class EpochSchedule:
-    """Sets every group's LR for an epoch (or a fraction of one): `set(optimizer, epoch)`.
+    """Sets every group's LR for an optimizer step: `set(optimizer, epoch, step, steps_per_epoch)`.
 
     step/cosine (with optional LR noise) delegate to timm; multistep/poly/constant are closed
-    forms. Stateless by design: the LR of epoch e depends on e alone, so resume is exact.
+    forms. Stateless by design: the LR depends on (epoch, step) alone, so resume is exact. Epoch-wise
+    schedules ignore `step` unless `per_iteration` (then the epoch is epoch + step / steps_per_epoch)
+    or the epoch-0 iteration warm-up (`warmup_iters`) applies. Steps are optimizer steps, so gradient
+    accumulation does not stretch a per-iteration schedule.
     """
 
-    def __init__(self, cfg: ScheduleConfig, optimizer: torch.optim.Optimizer):
+    def __init__(self, cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, lr_scale: float = 1.0):
         self.cfg = cfg
+        self.warmup_lr_init = cfg.warmup_lr_init * lr_scale
         self.base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         for g, b in zip(optimizer.param_groups, self.base):
             g.setdefault("initial_lr", b)
@@ -130,13 +152,13 @@ class EpochSchedule:
             from timm.scheduler import StepLRScheduler
 
             self._timm = StepLRScheduler(optimizer, decay_t=cfg.step_size, decay_rate=cfg.gamma,
-                                         warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr_init,
+                                         warmup_t=cfg.warmup_epochs, warmup_lr_init=self.warmup_lr_init,
                                          warmup_prefix=True, **noise)
         elif cfg.name == "cosine":
             from timm.scheduler import CosineLRScheduler
 
             self._timm = CosineLRScheduler(optimizer, t_initial=cfg.epochs - cfg.warmup_epochs, lr_min=cfg.min_lr,
-                                           warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr_init,
+                                           warmup_t=cfg.warmup_epochs, warmup_lr_init=self.warmup_lr_init,
                                            warmup_prefix=True, **noise)
         elif cfg.lr_noise is not None:
             raise ValueError(f"schedule.lr_noise is only supported with step and cosine, not {cfg.name}")
@@ -145,7 +167,7 @@ class EpochSchedule:
         cfg = self.cfg
         if epoch < cfg.warmup_epochs:
             f = epoch / cfg.warmup_epochs
-            return [cfg.warmup_lr_init + f * (b - cfg.warmup_lr_init) for b in self.base]
+            return [self.warmup_lr_init + f * (b - self.warmup_lr_init) for b in self.base]
         if cfg.name == "multistep":
             factor = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
         elif cfg.name == "poly":
@@ -154,11 +176,25 @@ class EpochSchedule:
             factor = 1.0
         return [b * factor for b in self.base]
 
-    def set(self, optimizer: torch.optim.Optimizer, epoch: float) -> float:
+    def needs_step_updates(self, epoch: int) -> bool:
+        """Whether the LR changes within this epoch (else one set() per epoch suffices)."""
+        return self.cfg.per_iteration or (epoch == 0 and self.cfg.warmup_iters > 0)
+
+    def set(self, optimizer: torch.optim.Optimizer, epoch: int, step: int = 0,
+            steps_per_epoch: int | None = None) -> float:
+        """Set the LR of optimizer step `step` (0-based, within `epoch`); returns the first group's."""
+        t = epoch + step / steps_per_epoch if self.cfg.per_iteration and steps_per_epoch else epoch
         if self._timm is not None:  # timm's public per-epoch step: base LR, warmup/decay, then noise
-            self._timm.step(int(epoch))
-            return optimizer.param_groups[0]["lr"]
-        lrs = self.lrs(epoch)
-        for g, lr in zip(optimizer.param_groups, lrs):
-            g["lr"] = lr
-        return lrs[0]
+            self._timm.step(t)
+        else:
+            for g, lr in zip(optimizer.param_groups, self.lrs(t)):
+                g["lr"] = lr
+        if epoch == 0 and self.cfg.warmup_iters > 0 and steps_per_epoch:
+            # torchvision's detection reference: LinearLR(start_factor, total_iters=min(1000, iters - 1))
+            # stepped after every iteration of epoch 0, multiplying the epoch's LR.
+            total = min(self.cfg.warmup_iters, steps_per_epoch - 1)
+            if total > 0:
+                f = self.cfg.warmup_factor + (1 - self.cfg.warmup_factor) * min(step, total) / total
+                for g in optimizer.param_groups:
+                    g["lr"] *= f
+        return optimizer.param_groups[0]["lr"]

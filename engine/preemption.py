@@ -1,0 +1,70 @@
+"""Preemption: SIGTERM, SIGUSR1 (SLURM's `--signal=USR1@120`) and SIGINT stop a run at the next
+optimizer-step boundary, after every process has agreed on it, with a mid-epoch checkpoint.
+
+Handlers only record the signal; `Preemption.agreed()` is called by the training loop once per
+optimizer step and returns the same answer on every rank (a MAX all-reduce of the signal number
+over a gloo group, so an NCCL run pays no GPU synchronisation for it). Loader workers ignore the
+signals (`ignore_in_worker`): SLURM signals every process of a step, and a worker that died on
+SIGTERM would end the epoch with a DataLoader error before the checkpoint could be written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+import torch.distributed as tdist
+
+SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None)
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class Preemption:
+    def __init__(self, distributed: bool):
+        self.signum = 0
+        self._previous = {}
+        self._group = None
+        if distributed:
+            self._group = tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else tdist.group.WORLD
+        for s in SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: stopping at the next optimizer step with a checkpoint",
+              file=sys.stderr, flush=True)
+
+    def agreed(self) -> int:
+        """The signal every rank stops for (0: none), identical on all ranks."""
+        if self._group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+def requeue_if_slurm(signum: int) -> str | None:
+    """Inside a SLURM batch job stopped by SIGUSR1 (the time-limit warning asked for with
+    `#SBATCH --signal=USR1@120`), requeue the job so the next allocation resumes it. SIGTERM is not
+    requeued here: it is also what `scancel` sends, and a preempting partition requeues by itself."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None or signum != getattr(signal, "SIGUSR1", None):
+        return None
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"scontrol requeue {job} failed: {proc.stderr.strip()}"
+    return f"requeued SLURM job {job}"

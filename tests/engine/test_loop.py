@@ -1,0 +1,150 @@
+"""engine/loop.py in-process: the batch plan, gradient accumulation against one big batch, the short
+last group, the divergence guard and mid-epoch skipping."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
+
+from engine.config import ConfigError, RunConfig
+from engine.distributed import DistState
+from engine.errors import Diverged
+from engine.loop import BatchPlan, EpochBatches, Loop, plan_batch
+from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer
+from engine.runlog import RunLog
+
+
+def _run_cfg(**kw):
+    return RunConfig(output_dir="unused", seed=0, **kw)
+
+
+def test_plan_auto_meets_the_recipe_global_batch():
+    run = _run_cfg(global_batch=1024)
+    assert plan_batch(run, 128, "auto", "none", 1).accumulate == 8
+    assert plan_batch(run, 128, "auto", "none", 8).accumulate == 1
+    p = plan_batch(run, 32, "auto", "none", 2)
+    assert (p.accumulate, p.global_batch, p.lr_scale) == (16, 1024, 1.0)
+
+
+def test_plan_that_cannot_meet_the_global_batch_says_what_would():
+    with pytest.raises(ConfigError) as err:
+        plan_batch(_run_cfg(global_batch=1024), 96, "auto", "none", 1)
+    msg = err.value.problems[0]
+    assert "run.global_batch=1024" in msg and "1 processes x data.batch_size 96 = 96" in msg
+    assert "data.batch_size one of 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024" in msg
+    with pytest.raises(ConfigError, match="with data.batch_size=128, a process count of 1, 2, 4, 8;"):
+        plan_batch(_run_cfg(global_batch=1024), 128, "auto", "none", 3)
+
+
+@pytest.mark.parametrize("rule,scale", [("none", 1.0), ("linear", 0.25), ("sqrt", 0.5)])
+def test_lr_scaling_rules(rule, scale):
+    p = plan_batch(_run_cfg(global_batch=1024), 128, 2, rule, 1)  # 256 of 1024
+    assert p.global_batch == 256 and p.lr_scale == pytest.approx(scale)
+    opt = build_optimizer(OptimizerConfig(name="sgd", lr=0.02, weight_decay=0, momentum=0.9),
+                          [{"params": [nn.Parameter(torch.ones(1))]},
+                           {"params": [nn.Parameter(torch.ones(1))], "lr": 0.2}], lr_scale=p.lr_scale)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 * scale, 0.2 * scale])
+    sched = EpochSchedule(ScheduleConfig(epochs=10, name="constant", warmup_epochs=2, warmup_lr_init=0.001), opt,
+                          lr_scale=p.lr_scale)
+    assert sched.set(opt, 0) == pytest.approx(0.001 * scale)  # warm-up start values scale too
+    assert "lr" in p.summary(0.02) and ("warning" in p.summary(0.02))
+
+
+class _NoLog(RunLog):
+    def __init__(self):
+        super().__init__("unused", enabled=False)
+
+
+def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None):
+    cfg = SimpleNamespace(schedule=SimpleNamespace(epochs=epochs),
+                          run=SimpleNamespace(print_freq=1000, divergence_factor=factor, keep_checkpoints=None, seed=0))
+    run = SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None, changes={})
+    schedule = EpochSchedule(ScheduleConfig(epochs=epochs, name="constant"), optimizer)
+    return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip)
+
+
+def _data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _train(opt_cfg, micro, accumulate, n, tmp_path, clip=None):
+    model = _model()
+    opt = build_optimizer(opt_cfg, [{"params": list(model.parameters()), "weight_decay": opt_cfg.weight_decay}])
+    loop = _loop(model, opt, BatchPlan(1, micro, accumulate, None, "none"), tmp_path, clip=clip)
+    loader = DataLoader(_data(n), batch_sampler=EpochBatches(SequentialSampler(range(n)), micro))
+    steps = 0
+    for x, y in loop.batches(loader, 0):
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y)
+        steps += loop.backward(loss, images=len(x))
+    return model, opt, steps, loop.epoch_stats()
+
+
+@pytest.mark.parametrize("opt_cfg", [
+    OptimizerConfig(name="sgd", lr=0.5, weight_decay=1e-2, momentum=0.9),
+    OptimizerConfig(name="rmsprop", lr=0.01, weight_decay=1e-2, momentum=0.9, alpha=0.9, tf_eps=1e-3),
+], ids=["sgd", "rmsprop"])
+def test_four_micro_batches_equal_one_batch_of_four_times_the_size(opt_cfg, tmp_path):
+    big, big_opt, big_steps, _ = _train(opt_cfg, micro=32, accumulate=1, n=64, tmp_path=tmp_path, clip=1.0)
+    acc, acc_opt, acc_steps, stats = _train(opt_cfg, micro=8, accumulate=4, n=64, tmp_path=tmp_path, clip=1.0)
+    assert big_steps == acc_steps == 2 and stats["optimizer_steps"] == 2
+    start = _model()
+    for p, q, p0 in zip(big.parameters(), acc.parameters(), start.parameters()):
+        assert (p - p0).abs().max() > 1e-3  # the update is not degenerate
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_short_last_group_is_stepped_as_the_mean_of_its_micro_batches(tmp_path):
+    cfg = OptimizerConfig(name="sgd", lr=0.5, weight_decay=0.0)
+    # 40 samples in micro-batches of 8 = 5 micro-batches; groups of 4: [4, 1] -> 2 steps
+    acc, _, steps, _ = _train(cfg, micro=8, accumulate=4, n=40, tmp_path=tmp_path)
+    assert steps == 2
+    ref = _model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    x, y = _data(40).tensors
+    for sl in (slice(0, 32), slice(32, 40)):  # plain SGD on the two groups as whole batches
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(x[sl]), y[sl]).backward()
+        opt.step()
+    for p, q in zip(ref.parameters(), acc.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_divergence_guard_names_epoch_and_step(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, factor=5.0)
+    loader = DataLoader(_data(80), batch_sampler=EpochBatches(SequentialSampler(range(80)), 4))
+    with pytest.raises(Diverged) as err:
+        for i, (x, y) in enumerate(loop.batches(loader, 0)):
+            with loop.forward():
+                loss = nn.functional.cross_entropy(model(x), y) * (100.0 if i == 13 else 1.0 + i / 10)
+            loop.backward(loss, images=len(x))
+    assert "above 5 x the starting loss" in str(err.value) and "at epoch 0, step 13" in str(err.value)
+    x, y = _data(80).tensors
+    assert loop.loss_reference == pytest.approx(nn.functional.cross_entropy(_model()(x[:4]), y[:4]).item())
+
+
+def test_epoch_batches_skip_resumes_the_same_order():
+    class Shuffled(SequentialSampler):
+        def set_epoch(self, epoch):
+            self.order = torch.randperm(20, generator=torch.Generator().manual_seed(epoch)).tolist()
+
+        def __iter__(self):
+            return iter(self.order)
+
+    b = EpochBatches(Shuffled(range(20)), 3)
+    b.set_epoch(4)
+    full = list(b)
+    b.set_epoch(4, skip=2)
+    assert list(b) == full[2:] and len(b) == 5 and b.total() == 7
+    b.set_epoch(5)
+    assert list(b) != full  # a new order each epoch
