@@ -234,19 +234,19 @@ def train_one_epoch(model, criterion, loop: Loop, loader, batch_tf, device, epoc
 
 @torch.no_grad()
 def evaluate(model, loader, batch_tf, device, amp_dtype, dist: distributed.DistState) -> dict:
-    """Acc@1/Acc@5 over every validation image exactly once, reduced across ranks."""
+    """Acc@1/Acc@5 and the mean cross-entropy over every validation image exactly once, reduced across ranks."""
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, images
     for images, targets in loader:
         images = batch_tf(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
         counts[:2] += topk_correct(logits.float(), targets, (1, 5))
-        counts[2] += targets.numel()
-    counts = distributed.all_reduce_sum(counts, dist)
-    n = counts[2].item()
-    return {"acc1": 100.0 * counts[0].item() / n, "acc5": 100.0 * counts[1].item() / n, "val_images": int(n)}
+        counts[2] += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").double()
+        counts[3] += targets.numel()
+    top1, top5, loss, n = distributed.all_reduce_sum(counts, dist).tolist()
+    return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Images/s of the shared training loop (engine.loop.Loop) with gradient accumulation 8 against
 accumulation 1 at the same micro-batch, on CPU; with --device cuda and under torchrun, also DDP.
 
-    python bench/accumulation.py [--model mobilenet_v3_small] [--batch 16] [--size 128] [--micro 16]
+    python bench/accumulation.py [--model mobilenet_v3_small] [--size 128] [--micro 16]
 
 Both arms run the same Loop (forward under loop.forward(), loop.backward(); RMSprop as in the
 recipe): accumulation 1 steps the optimizer after every micro-batch, accumulation 8 after every 8th

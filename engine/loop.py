@@ -49,9 +49,10 @@ class BatchPlan:
     """Processes x per-process batch x accumulation steps, and the LR factor that goes with it."""
 
     def __init__(self, world_size: int, batch_size: int, accumulate: int, tuned_global_batch: int | None,
-                 lr_scaling: str):
+                 lr_scaling: str, tuned_world_size: int | None = None):
         self.world_size, self.batch_size, self.accumulate = world_size, batch_size, accumulate
         self.tuned_global_batch, self.lr_scaling = tuned_global_batch, lr_scaling
+        self.tuned_world_size = tuned_world_size
 
     @property
     def global_batch(self) -> int:
@@ -77,12 +78,14 @@ class BatchPlan:
     def summary(self, lr: float) -> str:
         text = (f"global batch {self.global_batch} = {self.world_size} processes x {self.batch_size} images "
                 f"x {self.accumulate} accumulation steps")
+        tuned = f"{self.tuned_world_size} processes" if self.tuned_world_size else "an unstated process count"
         if self.matches_recipe:
-            return text + (" (the recipe's)" if self.tuned_global_batch else "")
+            return text + (f" (the recipe's, tuned on {tuned})" if self.tuned_global_batch else "")
         rule = {"none": "lr not scaled (optimizer.lr_scaling=none)",
                 "linear": f"lr scaled linearly: {lr:g} x {self.lr_scale:.4g} = {lr * self.lr_scale:.6g}",
                 "sqrt": f"lr scaled by the square root: {lr:g} x {self.lr_scale:.4g} = {lr * self.lr_scale:.6g}"}
-        return (f"warning: {text}, but the recipe was tuned for a global batch of {self.tuned_global_batch}; "
+        return (f"warning: {text}, but the recipe was tuned for a global batch of {self.tuned_global_batch} "
+                f"on {tuned}; "
                 f"{rule[self.lr_scaling]}: results will differ from the published ones")
 
 
@@ -105,12 +108,12 @@ def plan_batch(run: RunConfig, batch_size: int, accumulate: Accumulate, lr_scali
     if accumulate != "auto":
         if accumulate < 1:
             raise ConfigError([f"train.accumulate: expected 'auto' or a count >= 1, got {accumulate}"])
-        return BatchPlan(world_size, batch_size, accumulate, tuned, lr_scaling)
+        return BatchPlan(world_size, batch_size, accumulate, tuned, lr_scaling, run.world_size)
     if tuned is None:
-        return BatchPlan(world_size, batch_size, 1, None, lr_scaling)
+        return BatchPlan(world_size, batch_size, 1, None, lr_scaling, run.world_size)
     per_step = world_size * batch_size
     if tuned % per_step == 0:
-        return BatchPlan(world_size, batch_size, tuned // per_step, tuned, lr_scaling)
+        return BatchPlan(world_size, batch_size, tuned // per_step, tuned, lr_scaling, run.world_size)
     hint = []
     if tuned % world_size == 0:
         sizes = [b for b in range(1, tuned // world_size + 1) if (tuned // world_size) % b == 0]

@@ -10,6 +10,8 @@ SIGTERM would end the epoch with a DataLoader error before the checkpoint could 
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -24,6 +26,20 @@ SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), si
 def ignore_in_worker(worker_id: int) -> None:
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_children_at_exit() -> None:
+    """At interpreter exit multiprocessing stops daemonic children with SIGTERM and waits for them; loader
+    workers ignore it (above), so a process leaving on an error or a preemption would wait forever. This
+    runs first (atexit is last-in, first-out) and ends them with SIGKILL: they hold no state of their own."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(_kill_children_at_exit)
 
 
 class Preemption:

@@ -177,7 +177,7 @@ def test_ema_evaluated_beside_raw_model_and_bf16_autocast(toy_data, tmp_path):
                            "train.amp=bf16", "run.global_batch=64", "train.accumulate=1"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert ("warning: global batch 32 = 1 processes x 32 images x 1 accumulation steps, but the recipe was tuned "
-            "for a global batch of 64; lr not scaled (optimizer.lr_scaling=none)") in proc.stdout
+            "for a global batch of 64 on an unstated process count; lr not scaled (optimizer.lr_scaling=none)") in proc.stdout
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"acc1_ema", "acc5_ema"} <= set(row)
     state = torch.load(out / "checkpoints/last.pt", weights_only=True)
@@ -190,3 +190,15 @@ def test_cuda_amp_channels_last_smoke(toy_data, tmp_path):
     proc = run_script(fast(toy_data / "imagenet", tmp_path / "cuda", "schedule.epochs=1", "run.device=cuda",
                            "train.amp=fp16"), tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_print_config_shows_the_published_global_batch_on_one_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_classification.py"), "--recipe",
+                           str(ROOT / "recipes/large.yaml"), "--print-config"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    derived = proc.stdout.split("# derived", 1)[1]
+    for line in ("processes: 1", "batch_per_process: 128", "accumulate: 8", "global_batch: 1024",
+                 "recipe_global_batch: 1024", "lr: 0.064"):
+        assert f"  {line}\n" in derived, derived
