@@ -22,11 +22,13 @@ import json
 import subprocess
 import sys
 import tempfile
+import re
 from pathlib import Path
 
 import torch
 
 from engine import checkpoint
+from engine.report import write_run_report
 from engine.runlog import read_metrics
 
 RULES = ("last-improved", "top", "last")
@@ -170,6 +172,19 @@ def evaluate_in_run(run_dir: Path, weights: Path) -> dict:
 # ============================================================================ CLI
 
 
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """--out must not overwrite an input or any training checkpoint (epoch_NNN.pt, last.pt of a run)."""
+    target = out.resolve()
+    for p in inputs:
+        if Path(p).resolve() == target or (out.exists() and Path(p).exists() and out.samefile(p)):
+            raise SelectionError(f"--out {out} is one of the checkpoints being averaged; choose another path "
+                                 "(e.g. RUN/averaged.pt)")
+    if target.parent.name == "checkpoints" and (target.name == "last.pt" or
+                                                re.fullmatch(r"epoch_\d+\.pt", target.name)):
+        raise SelectionError(f"--out {out} would overwrite a training checkpoint; choose a path outside "
+                             "checkpoints/ (e.g. RUN/averaged.pt)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -181,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", choices=("model", "ema"), default="model", help="average raw or EMA weights")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--export", action="store_true", help="also write <name>-<sha256[:8]>.pth (plain state dict)")
-    ap.add_argument("--eval", action="store_true", help="with --run: evaluate and record in metrics.jsonl")
+    ap.add_argument("--eval", action="store_true",
+                    help="with --run: evaluate, record in metrics.jsonl, rewrite report.md")
     args = ap.parse_args(argv)
     if args.run is not None and args.select is None:
         ap.error("--run needs --select")
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         sources = [{"path": str(p)} for p in paths]
         print("averaging:\n" + "\n".join(f"  {p}" for p in paths))
 
+    _check_out(args.out, paths)
     state, model_cfg = average(paths, key)
     digest = checkpoint.state_sha256(state)
     epochs = [s["epoch"] for s in sources if "epoch" in s]
@@ -232,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         kept = [r for r in history if not (r.get("row") == row["row"] and r.get("rule") == rule_text)]
         checkpoint.atomic_write_text(args.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept + [row]))
         result["metrics"] = metrics
+        result["report"] = str(write_run_report(args.run))  # the averaging row beside the published numbers
+        print(f"wrote {result['report']}")
     return result
 
 

@@ -155,7 +155,10 @@ def dead_keys(cls: type, recipe: Path, base: list[str], run: Callable[[Any], Non
                 args.append(f"run.output_dir={out}")
             cfg = load_config(cls, recipe, args)
             capture()
-            run(cfg)
+            try:
+                run(cfg)
+            except Exception as exc:
+                raise AssertionError(f"the run with {overrides} failed: {type(exc).__name__}: {exc}") from exc
             cache[key] = fingerprint(Path(cfg.run.output_dir), capture())
         return cache[key]
 

@@ -210,3 +210,21 @@ def test_check_data_lists_every_bad_image_and_16_bit_png_is_read(toy_data, tmp_p
 
     img = decode(str(root / "train/n00000001_square/sixteen_bit.png"))
     assert img.dtype == torch.uint8 and torch.equal(img[0], torch.from_numpy((wide >> 8).astype(np.uint8)))
+
+
+def test_average_checkpoints_refuses_to_overwrite_an_input_or_a_training_checkpoint(tmp_path):
+    import average_checkpoints as avg
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    inputs = [ckpts / "epoch_001.pt", ckpts / "epoch_002.pt"]
+    for p in inputs:
+        p.write_bytes(b"a training checkpoint")
+    before = [p.read_bytes() for p in inputs]
+    with pytest.raises(avg.SelectionError, match="is one of the checkpoints being averaged"):
+        avg.main(["--inputs", *map(str, inputs), "--out", str(inputs[1])])
+    with pytest.raises(avg.SelectionError, match="would overwrite a training checkpoint"):
+        avg.main(["--inputs", *map(str, inputs), "--out", str(ckpts / "last.pt")])
+    with pytest.raises(avg.SelectionError, match="would overwrite a training checkpoint"):
+        avg.main(["--inputs", *map(str, inputs), "--out", str(ckpts / "epoch_007.pt")])
+    assert [p.read_bytes() for p in inputs] == before and not (ckpts / "last.pt").exists()
