@@ -48,6 +48,32 @@ def test_exact_average_against_independent_computation(tmp_path):
             assert torch.equal(v, sum(s[k] for s in states) // 3)
 
 
+def test_integer_floor_division_and_float64_mean_by_hand(tmp_path):
+    """Sums that 3 does not divide: integer buffers take the floor of the mean (torchvision's `//`:
+    5/3 -> 1, 8/3 -> 2, -4/3 -> -2; rounding would give 2, 3, -1 and truncation -1), and float
+    tensors are summed in float64 (1e8 + 1 - 1e8 is 0 in float32, 1 in float64) then cast back."""
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
+    states = [
+        {"w": torch.tensor([1e8, 1.0, 0.1]), "h": torch.tensor([0.5, 1.0], dtype=torch.float16),
+         "bn.num_batches_tracked": torch.tensor(1), "v": torch.tensor([2, 3, -1, 0], dtype=torch.int32)},
+        {"w": torch.tensor([1.0, 2.0, 0.2]), "h": torch.tensor([0.25, 1.0], dtype=torch.float16),
+         "bn.num_batches_tracked": torch.tensor(2), "v": torch.tensor([3, 2, -2, 3], dtype=torch.int32)},
+        {"w": torch.tensor([-1e8, 4.0, 0.3]), "h": torch.tensor([0.25, 2.0], dtype=torch.float16),
+         "bn.num_batches_tracked": torch.tensor(2), "v": torch.tensor([3, 3, -1, 4], dtype=torch.int32)},
+    ]
+    paths = []
+    for i, sd in enumerate(states):
+        paths.append(tmp_path / f"{i}.pth")
+        torch.save(sd, paths[-1])
+    out, _ = avg.average(paths)
+    assert out["bn.num_batches_tracked"].dtype == torch.int64 and out["bn.num_batches_tracked"].item() == 1
+    assert out["v"].dtype == torch.int32 and out["v"].tolist() == [2, 2, -2, 2]
+    expected_w = torch.tensor([1 / 3, 7 / 3, (f32(0.1) + f32(0.2) + f32(0.3)) / 3], dtype=torch.float32)
+    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], expected_w), out["w"]
+    assert out["h"].dtype == torch.float16
+    assert torch.equal(out["h"], torch.tensor([1 / 3, 4 / 3], dtype=torch.float16))
+
+
 HISTORY = [0.5, 0.9, 0.7, 0.9, 1.2, 1.1, 1.5, 1.5, 1.4]  # ties at epochs 1/3 and 6/7
 
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from torchvision.transforms import v2 as T
 
@@ -75,6 +76,37 @@ def test_eval_transform_sizes(toy_data):
     ds = ImageFolder(toy_data / "imagenet/val", eval_transform(cfg), seed=0, train=False)
     img, target = ds[(0, 0)]
     assert img.shape == (64, 64, 3) and img.dtype == torch.uint8 and target == 0
+
+
+@pytest.mark.parametrize("val_resize,val_crop", [(73, 64), (256, 224)])
+def test_eval_transform_pixels_match_resize_then_center_crop(toy_data, val_resize, val_crop):
+    """Validation pixels of real toy JPEGs (shorter side 64-320 px, up- and downscaled) through the
+    dataset: equal to torchvision's v2 Resize(val_resize, bilinear, antialias) + CenterCrop(val_crop)
+    on the PIL-decoded image, and within one grey level of PIL's own bilinear resize + a center crop
+    computed here (shorter side -> val_resize, offsets round((size - crop) / 2))."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    cfg = _cfg(toy_data / "imagenet", val_resize=val_resize, val_crop=val_crop)
+    ds = ImageFolder(toy_data / "imagenet/val", eval_transform(cfg), seed=0, train=False)
+    ref_tf = T.Compose([T.Resize(val_resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                        T.CenterCrop(val_crop)])
+    for index in range(0, len(ds), 17):
+        img, target = ds[(0, index)]
+        path, label = ds.samples[index]
+        assert target == label and img.shape == (val_crop, val_crop, 3) and img.dtype == torch.uint8
+        pil = Image.open(path).convert("RGB")
+        ref = ref_tf(T.PILToTensor()(pil)).permute(1, 2, 0)
+        assert torch.equal(img, ref), path
+        w, h = pil.size
+        nw, nh = (val_resize, int(val_resize * h / w)) if w <= h else (int(val_resize * w / h), val_resize)
+        top, left = round((nh - val_crop) / 2), round((nw - val_crop) / 2)
+        by_pil = torch.from_numpy(np.array(pil.resize((nw, nh), Image.BILINEAR)
+                                           .crop((left, top, left + val_crop, top + val_crop))))
+        diff = (img.int() - by_pil.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.05, (path, diff.max(), diff.float().mean())
+        assert img.float().std() > 10  # a real picture, not a flat patch
 
 
 def test_same_draws_as_the_reference_pil_pipeline(toy_data):

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +87,63 @@ def test_cosine_and_warmup_and_multistep():
     assert [round(s.lrs(e)[0], 6) for e in (0, 1, 2, 4, 8)] == [0.0, 0.5, 1.0, 0.1, 0.01]
     c = EpochSchedule(ScheduleConfig(epochs=10, name="cosine", min_lr=0.0), opt)
     assert c.set(opt, 0) == pytest.approx(1.0) and c.set(opt, 5) == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- the published curves
+# Expected LRs are computed here from the published formula, not from the project's schedule code.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("recipe", ["large.yaml", "small.yaml"])
+def test_published_recipe_lr_per_epoch(recipe):
+    """torchvision's MobileNetV3 recipe: lr 0.064, StepLR(step_size 2, gamma 0.973) per epoch, no
+    warm-up: lr(e) = 0.064 * 0.973 ** (e // 2), through the recipe file, build_optimizer and the
+    schedule exactly as a training run uses them."""
+    from train_classification import Config
+
+    cfg = load_config(Config, ROOT / "recipes" / recipe)
+    model = _model()
+    model(torch.zeros(1, 3, 5, 5))
+    opt = build_optimizer(cfg.optimizer, param_groups(model, cfg.optimizer.weight_decay,
+                                                      cfg.optimizer.norm_weight_decay))
+    schedule = EpochSchedule(cfg.schedule, opt)
+    assert cfg.schedule.epochs == 600
+    for epoch in [*range(12), 100, 101, 598, 599]:
+        expected = 0.064 * 0.973 ** (epoch // 2)
+        assert schedule.set(opt, epoch) == pytest.approx(expected, rel=1e-12), epoch
+        assert all(g["lr"] == pytest.approx(expected, rel=1e-12) for g in opt.param_groups), epoch
+    assert schedule.set(opt, 599) == pytest.approx(1.78616e-5, rel=1e-5)  # the last epoch's LR, by hand
+
+
+def test_step_schedule_with_warmup_decays_from_the_end_of_warmup():
+    """Linear warm-up from warmup_lr_init over warmup_epochs, then
+    lr(e) = base * gamma ** ((e - warmup) // step_size): the decay counts from the end of warm-up."""
+    base, init, warmup, step, gamma = 0.5, 0.01, 5, 3, 0.5
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=base)
+    s = EpochSchedule(ScheduleConfig(epochs=30, name="step", step_size=step, gamma=gamma, warmup_epochs=warmup,
+                                     warmup_lr_init=init), opt)
+    for e in range(30):
+        expected = init + e / warmup * (base - init) if e < warmup else base * gamma ** ((e - warmup) // step)
+        assert s.set(opt, e) == pytest.approx(expected, rel=1e-12), e
+    assert s.set(opt, 5) == pytest.approx(0.5) and s.set(opt, 8) == pytest.approx(0.25)
+
+
+def test_cosine_with_warmup_starts_its_half_period_after_warmup():
+    base, init, warmup, epochs, min_lr = 1.0, 0.1, 3, 13, 0.01
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=base)
+    s = EpochSchedule(ScheduleConfig(epochs=epochs, name="cosine", min_lr=min_lr, warmup_epochs=warmup,
+                                     warmup_lr_init=init), opt)
+    for e in range(epochs):
+        if e < warmup:
+            expected = init + e / warmup * (base - init)
+        else:
+            progress = (e - warmup) / (epochs - warmup)
+            expected = min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * progress))
+        assert s.set(opt, e) == pytest.approx(expected, rel=1e-12), e
+
+
+def test_poly_schedule_per_epoch():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.02)
+    s = EpochSchedule(ScheduleConfig(epochs=30, name="poly", power=0.9), opt)
+    for e in range(30):
+        assert s.set(opt, e) == pytest.approx(0.02 * (1 - e / 30) ** 0.9, rel=1e-12), e

@@ -9,25 +9,52 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from models import build, count_detector_mult_adds
 from models.flops import detector_mult_adds_breakdown
 from models.detection import count_parameters
+from tests.oracle import assert_close, randomize
 
 TV = {"fasterrcnn_mobilenet_v3_large_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
       "fasterrcnn_mobilenet_v3_large_320_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn}
 
 
-def _compare(ours, ref):
+def _images():
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 200, 260, generator=g), torch.rand(3, 240, 180, generator=g)]
+
+
+def _targets():
+    return [{"boxes": torch.tensor([[10.0, 20.0, 120.0, 150.0], [60.0, 30.0, 250.0, 190.0]]),
+             "labels": torch.tensor([1, 18])},
+            {"boxes": torch.tensor([[5.0, 5.0, 90.0, 200.0]]), "labels": torch.tensor([3])}]
+
+
+def _compare(ours, ref, seed=0):
+    """Same keys/shapes; then at random weights and BN statistics (the same in both) the same boxes,
+    scores and labels in eval mode, and the same losses in train mode (same RNG for the samplers)."""
     a, b = ours.state_dict(), ref.state_dict()
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
-    ours.load_state_dict(b, strict=True)
     ours.eval(), ref.eval()
-    torch.manual_seed(0)
-    images = [torch.rand(3, 200, 260), torch.rand(3, 240, 180)]
+    images = _images()
+    randomize(ref, seed, inputs=images)
+    ours.load_state_dict(ref.state_dict(), strict=True)
     with torch.no_grad():
         out_a, out_b = ours(images), ref(images)
-    for da, db in zip(out_a, out_b):
-        assert len(db["boxes"]) > 0
-        torch.testing.assert_close(da["boxes"], db["boxes"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(da["scores"], db["scores"], atol=1e-5, rtol=0)
+    for i, (da, db) in enumerate(zip(out_a, out_b)):
+        assert len(db["boxes"]) >= 20 and len(db["labels"].unique()) > 3, "degenerate reference detections"
+        # As tight as this comparison always was (boxes within 1e-4 px, scores within 1e-5): the
+        # detector is torchvision's own around our backbone, and the numbers agree bit for bit.
+        # (A numerically different backbone path, e.g. channels_last, reorders near-tied detections
+        # anyway: detection outputs cannot be compared with a rounding-size tolerance.)
+        assert_close(da["boxes"], db["boxes"], rtol=3e-7, min_scale=10.0, msg=f"image {i} boxes")
+        assert_close(da["scores"], db["scores"], rtol=1e-5, min_scale=1e-3, msg=f"image {i} scores")
         assert torch.equal(da["labels"], db["labels"])
+    ours.train(), ref.train()
+    losses = []
+    for m in (ours, ref):
+        torch.manual_seed(seed)
+        losses.append(m(_images(), _targets()))
+    assert sorted(losses[0]) == sorted(losses[1]) == ["loss_box_reg", "loss_classifier", "loss_objectness",
+                                                      "loss_rpn_box_reg"]
+    for k in losses[1]:
+        assert_close(losses[0][k], losses[1][k], min_scale=1e-3, msg=k)
 
 
 @pytest.mark.parametrize("name", sorted(TV))

@@ -5,26 +5,64 @@ import torch
 import torchvision
 
 from models import MODELS, build, count_mult_adds
-from models.mobilenetv3 import LARGE, MobileNetV3
+from models.mobilenetv3 import LARGE, TABLES, MobileNetV3, resolve
+from tests.oracle import assert_close, randomize
 
 TV = {"mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
       "mobilenet_v3_small": torchvision.models.mobilenet_v3_small}
 
 
+OPTIONS = list(itertools.product((0.5, 0.75, 1.0, 1.25), (False, True), (False, True)))
+
+
 @pytest.mark.parametrize("name", sorted(TV))
 def test_matches_torchvision_for_every_option(name):
+    """Same keys and shapes as torchvision for every width/reduced_tail/dilated; then, at random
+    weights and BatchNorm statistics (the same state in both), the same logits in eval mode, and in
+    train mode (batch statistics, dropout with the same RNG) the same logits and the same updated
+    running statistics (BN momentum)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 96, 96)
-    for width, reduced_tail, dilated in itertools.product((0.5, 0.75, 1.0, 1.25), (False, True), (False, True)):
+    x = torch.randn(2, 3, 64, 64)
+    for seed, (width, reduced_tail, dilated) in enumerate(OPTIONS):
+        where = f"{name} width {width} reduced_tail {reduced_tail} dilated {dilated}"
         ours = build(name, width_mult=width, reduced_tail=reduced_tail, dilated=dilated).eval()
         ref = TV[name](width_mult=width, reduced_tail=reduced_tail, dilated=dilated).eval()
         a, b = ours.state_dict(), ref.state_dict()
-        assert list(a) == list(b), (width, reduced_tail, dilated)
-        assert all(a[k].shape == b[k].shape for k in a), (width, reduced_tail, dilated)
+        assert list(a) == list(b), where
+        assert all(a[k].shape == b[k].shape for k in a), where
         assert all(c.out_channels % 8 == 0 for c in ours.modules() if isinstance(c, torch.nn.Conv2d))
-        ours.load_state_dict(b, strict=True)
+        randomize(ref, seed, inputs=x)
+        ours.load_state_dict(ref.state_dict(), strict=True)
         with torch.no_grad():
-            torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
+            assert_close(ours(x), ref(x), msg=f"{where}, eval")
+            ours.train(), ref.train()
+            torch.manual_seed(seed)
+            out_ours = ours(x)
+            torch.manual_seed(seed)
+            assert_close(out_ours, ref(x), msg=f"{where}, train")
+        b = ref.state_dict()
+        for k, v in ours.state_dict().items():
+            if k.endswith(("running_mean", "running_var")):
+                assert_close(v, b[k], min_scale=1e-4, msg=f"{where}, {k} after a train step")
+
+
+@pytest.mark.parametrize("name", sorted(TV))
+def test_table_rows_match_torchvision_config(name):
+    """Every row (kernel, expansion, output, SE, activation, stride, dilation) of the resolved table
+    equals torchvision's config for every option: block 4 of Small is hswish, etc."""
+    from torchvision.models.mobilenetv3 import _mobilenet_v3_conf
+
+    for width, reduced_tail, dilated in OPTIONS:
+        ours = resolve(TABLES[name.removeprefix("mobilenet_v3_")], width, reduced_tail, dilated)
+        ref, last = _mobilenet_v3_conf(name, width_mult=width, reduced_tail=reduced_tail, dilated=dilated)
+        assert len(ours) == len(ref)
+        for i, (o, r) in enumerate(zip(ours, ref), start=1):
+            got = (o.inp, o.kernel, o.expanded, o.out, o.se, o.act, o.stride, o.dilation)
+            want = (r.input_channels, r.kernel, r.expanded_channels, r.out_channels, r.use_se,
+                    "hswish" if r.use_hs else "relu", r.stride, r.dilation)
+            assert got == want, f"{name} block{i}, width {width}, reduced_tail {reduced_tail}, dilated {dilated}"
+        m = build(name, width_mult=width, reduced_tail=reduced_tail)
+        assert m.classifier[0].out_features == last
 
 
 @pytest.mark.parametrize("name,params,gflops", [("mobilenet_v3_large", 5_483_032, 0.217),

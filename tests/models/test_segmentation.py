@@ -6,6 +6,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 import torchvision
 
 from models import build, count_mult_adds
+from tests.oracle import assert_close, randomize
 
 
 def _fcn_reference(aux: bool):
@@ -28,17 +29,25 @@ CASES = [
 
 @pytest.mark.parametrize("name,kw,ref_fn", CASES)
 def test_matches_torchvision(name, kw, ref_fn):
+    """Same keys/shapes; at random weights and BN statistics (the same in both) the same `out` (and
+    `aux`) in eval mode, and in train mode (batch statistics, dropout with the same RNG)."""
     ours, ref = build(name, **kw).eval(), ref_fn().eval()
     a, b = ours.state_dict(), ref.state_dict()
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
-    ours.load_state_dict(b, strict=True)
-    x = torch.randn(1, 3, 97, 131)
-    with torch.no_grad():
-        out_a, out_b = ours(x), ref(x)
-    assert sorted(out_a) == sorted(out_b)
-    for k in out_b:
-        assert out_a[k].shape[-2:] == x.shape[-2:]
-        torch.testing.assert_close(out_a[k], out_b[k], atol=1e-5, rtol=0)
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(0))
+    randomize(ref, 0, inputs=x)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    for mode in ("eval", "train"):
+        ours.train(mode == "train"), ref.train(mode == "train")
+        with torch.no_grad():
+            torch.manual_seed(1)
+            out_a = ours(x)
+            torch.manual_seed(1)
+            out_b = ref(x)
+        assert sorted(out_a) == sorted(out_b)
+        for k in out_b:
+            assert out_a[k].shape[-2:] == x.shape[-2:]
+            assert_close(out_a[k], out_b[k], msg=f"{name} {mode} {k}")
 
 
 @pytest.mark.parametrize("name,kw,params,gflops", [
