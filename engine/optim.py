@@ -45,6 +45,12 @@ class OptimizerConfig:
             yield "lr", f"expected a positive learning rate, got {self.lr}"
         if self.weight_decay < 0:
             yield "weight_decay", f"expected >= 0, got {self.weight_decay}"
+        if not 0 <= self.momentum < 1:
+            yield "momentum", f"expected a momentum in [0, 1), got {self.momentum}"
+        if self.alpha is not None and not 0 < self.alpha < 1:
+            yield "alpha", f"expected a smoothing constant in (0, 1), got {self.alpha}"
+        if not all(0 <= b < 1 for b in self.betas):
+            yield "betas", f"expected two values in [0, 1), got {list(self.betas)}"
         if self.name in ("rmsprop", "rmsprop_tf"):
             if self.alpha is None:
                 yield "alpha", f"required for {self.name} (TF's rmsprop decay, 0.9 in the published recipe)"

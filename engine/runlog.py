@@ -75,14 +75,26 @@ class RunLog:
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=step)
+        self._writer(step)
         for k, v in values.items():
             if v is not None:
                 self._tb.add_scalar(f"{prefix}{k}", v, step)
         self._tb.flush()
+
+    def images(self, step: int, images: dict) -> None:
+        """uint8 (3, H, W) images into TensorBoard beside the scalars (predictions drawn on val images)."""
+        if not self.enabled or not images:
+            return
+        self._writer(step)
+        for tag, image in images.items():
+            self._tb.add_image(tag, image, step)
+        self._tb.flush()
+
+    def _writer(self, step: int) -> None:
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=step)
 
     def close(self) -> None:
         if self._tb is not None:

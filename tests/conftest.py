@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def toy_backbone(toy_data, tmp_path_factory) -> Path:
     proc = subprocess.run([sys.executable, str(ROOT / "train_classification.py"), "--recipe",
                            str(ROOT / "recipes/toy/classification.yaml"), f"data.root={toy_data / 'imagenet'}",
                            f"run.output_dir={out}", "schedule.epochs=2", "data.workers=0", "run.print_freq=1000"],
-                          capture_output=True, text=True, cwd=out, timeout=600)
+                          capture_output=True, text=True, cwd=out, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "checkpoints" / "last.pt"

@@ -46,6 +46,8 @@ def _alternatives(root: Path, weights: Path, fewer: Path) -> dict:
         "train.ema_decay": ([], 0.5),
         "train.clip_grad_norm": ([], 0.01),
         "optimizer.name": ([], "rmsprop_tf"),
+        "optimizer.alpha": ([], 0.5),
+        "optimizer.momentum": ([], 0.5),
         "optimizer.eps": (["optimizer.tf_eps=null", "optimizer.eps=0.01"], 0.5),
         "optimizer.tf_eps": ([], 0.1),
         "optimizer.nesterov": (["optimizer.name=sgd"], True),
