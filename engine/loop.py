@@ -273,7 +273,7 @@ class Loop:
         self.epoch_lr = self.schedule.set(self.optimizer, epoch, self.step, self.steps_per_epoch)
         if skip:  # the LR of the epoch's first step, as the uninterrupted run records it
             self.epoch_lr = self._resumed_lr
-        self._progress = _progress(epoch, self.steps_per_epoch, self.cfg.run.print_freq, self.dist.is_main)
+        self._progress = _progress(epoch, self.steps_per_epoch, self.cfg.run.print_freq, self.log.enabled)
 
     def _group_size(self) -> int:
         """Micro-batches in the current optimizer step's group (the epoch's last may be short)."""
