@@ -17,16 +17,13 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler
 
-from data.classification import (BatchTransform, ClassificationDataConfig, EpochSampler, ImageFolder, TrainTransform,
-                                 count_images, decode, eval_transform, make_loader, steps_per_epoch)
+from data.classification import (BatchTransform, ClassificationDataConfig, build_loaders, count_images, decode,
+                                 steps_per_epoch)
 from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
-from engine.errors import DataError
-from engine.loop import (AMP_DTYPES, Accumulate, EpochBatches, Loop, launch, launch_world_size, plan_batch,
-                         set_backends)
+from engine.loop import AMP_DTYPES, Accumulate, Loop, launch, launch_world_size, plan_batch, set_backends
 from engine.metrics import topk_correct
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, load_weights
@@ -109,7 +106,8 @@ def main(cfg: Config) -> dict:
     channels_last = True if cfg.train.channels_last is None else cfg.train.channels_last
 
     # ---------------------------------------------------------------- data
-    train_set, train_loader, val_set, val_loader = build_data(cfg, dist, train=not cfg.run.eval_only)
+    train_set, train_loader, val_set, val_loader = build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, dist,
+                                                                 train=not cfg.run.eval_only)
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, channels_last).to(device)
     if cfg.run.check_data:
         check_images([p for ds in (train_set, val_set) if ds is not None for p, _ in ds.samples], decode,
@@ -173,26 +171,6 @@ def main(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------- builders (main's parts, also used by the tests)
-
-
-def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
-    """(train_set, train_loader, val_set, val_loader); the train pair is (None, None) when not training."""
-    root = Path(cfg.data.root)
-    pin = dist.device.type == "cuda"
-    val_set = ImageFolder(root / "val", eval_transform(cfg.data), cfg.run.seed, train=False)
-    val_sampler = EpochSampler(len(val_set), dist.rank, dist.world_size, cfg.run.seed, False)
-    val_loader = make_loader(val_set, BatchSampler(val_sampler, cfg.data.batch_size, False), cfg.data.workers, pin)
-    train_set = train_loader = None
-    if train:
-        train_set = ImageFolder(root / "train", TrainTransform(cfg.data), cfg.run.seed, train=True)
-        if train_set.classes != val_set.classes:
-            raise DataError(f"{root}: train/ and val/ have different class folders")
-        sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, cfg.run.seed, True)
-        train_loader = make_loader(train_set, EpochBatches(sampler, cfg.data.batch_size), cfg.data.workers, pin)
-    if len(val_set.classes) > cfg.model.num_classes:
-        raise DataError(f"{root}: {len(val_set.classes)} classes on disk but model.num_classes is "
-                        f"{cfg.model.num_classes}")
-    return train_set, train_loader, val_set, val_loader
 
 
 def build_model(cfg: Config) -> nn.Module:

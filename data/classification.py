@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import io
 from torchvision.transforms import InterpolationMode
 from torchvision import transforms as V1
@@ -279,6 +279,29 @@ def make_loader(dataset: ImageFolder, batches: Sampler, workers: int, pin_memory
     # dropout / stochastic-depth draw. Augmentation is seeded per sample, so this seed is unused.
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+
+
+def build_loaders(cfg: ClassificationDataConfig, num_classes: int, seed: int, dist, train: bool = True):
+    """(train_set, train_loader, val_set, val_loader) of data.root's ImageFolder; the train pair is
+    (None, None) when not training. The train loader's batches are engine.loop.EpochBatches (resumable
+    mid-epoch); evaluation shards without padding, so every image is counted once."""
+    from engine.loop import EpochBatches
+
+    root = Path(cfg.root)
+    pin = dist.device.type == "cuda"
+    val_set = ImageFolder(root / "val", eval_transform(cfg), seed, train=False)
+    val_sampler = EpochSampler(len(val_set), dist.rank, dist.world_size, seed, False)
+    val_loader = make_loader(val_set, BatchSampler(val_sampler, cfg.batch_size, False), cfg.workers, pin)
+    train_set = train_loader = None
+    if train:
+        train_set = ImageFolder(root / "train", TrainTransform(cfg), seed, train=True)
+        if train_set.classes != val_set.classes:
+            raise DataError(f"{root}: train/ and val/ have different class folders")
+        sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, seed, True)
+        train_loader = make_loader(train_set, EpochBatches(sampler, cfg.batch_size), cfg.workers, pin)
+    if len(val_set.classes) > num_classes:
+        raise DataError(f"{root}: {len(val_set.classes)} classes on disk but model.num_classes is {num_classes}")
+    return train_set, train_loader, val_set, val_loader
 
 
 def count_images(split_dir: Path) -> int | None:
