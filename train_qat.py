@@ -1,0 +1,390 @@
+"""Quantization-aware training (and post-training quantization) of MobileNetV3-Large, int8 on CPU.
+
+    python train_qat.py --recipe recipes/qat/mobilenet_v3_large.yaml [section.key=value ...]
+    torchrun --nproc_per_node=8 train_qat.py --recipe recipes/qat/mobilenet_v3_large.yaml
+    python train_qat.py --recipe recipes/qat/mobilenet_v3_large_ptq.yaml           # post-training quantization
+    python train_qat.py --recipe recipes/qat/mobilenet_v3_large.yaml run.eval_only=true model.weights=RUN/export
+
+QAT as torchvision's reference made the published int8 weights: start from float weights, fuse
+Conv+BN(+ReLU) and SE's fc1+ReLU, prepare for QAT with the backend's default qconfig, train with
+observers on for epochs 0..num_observer_update_epochs and BN statistics updating for epochs
+0..num_batch_norm_update_epochs (models/quantize.py: `phase`), and after each epoch evaluate the
+fake-quant model (acc1, acc5) and an int8 CPU conversion of it (int8_acc1, int8_acc5). Checkpoints
+hold the QAT (fake-quant) state dict in torchvision's layout; `export/` holds the int8 model as
+TorchScript, which reloads in a fresh process (run.eval_only=true model.weights=RUN/export).
+
+Reads top to bottom: Config, main, train_one_epoch, evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler
+
+from data.classification import (BatchTransform, ClassificationDataConfig, EpochSampler, ImageFolder, TrainTransform,
+                                 count_images, decode, eval_transform, make_loader, steps_per_epoch)
+from engine import checkpoint, distributed, rundir, seeding
+from engine.config import RunConfig
+from engine.datacheck import check_images
+from engine.errors import DataError, UserError
+from engine.loop import Accumulate, EpochBatches, Loop, launch, launch_world_size, plan_batch, set_backends
+from engine.metrics import topk_correct
+from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
+from models import build, quantize
+from models.weights import mismatch_report
+
+# ============================================================================ config
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["mobilenet_v3_large"]         # the only MobileNetV3 with a published quantized model
+    num_classes: int
+    dropout: float
+    weights: Optional[str] = None               # float weights to start from (required to train or calibrate);
+                                                # with run.eval_only: a QAT checkpoint or an int8 export
+    bn_momentum: float = 0.01                   # torchvision's
+
+
+@dataclasses.dataclass(frozen=True)
+class QatConfig:
+    mode: Literal["qat", "ptq"]                 # quantization-aware training, or post-training quantization
+    backend: Literal["qnnpack", "x86", "fbgemm"]  # qconfig and int8 kernels (the published model: qnnpack)
+    num_observer_update_epochs: int             # torchvision's names and semantics: observers update while
+    num_batch_norm_update_epochs: int           # epoch <= N (disabled once epoch N has been trained)
+    calibration_batches: int = 32               # ptq: training batches (data.batch_size each) observed
+
+    def validate(self):
+        for name in ("num_observer_update_epochs", "num_batch_norm_update_epochs"):
+            if getattr(self, name) < 0:
+                yield name, f"expected an epoch >= 0, got {getattr(self, name)}"
+        if self.calibration_batches < 1:
+            yield "calibration_batches", f"expected a positive number of batches, got {self.calibration_batches}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    label_smoothing: float
+    accumulate: Accumulate = "auto"             # micro-batches per optimizer step; auto: reach run.global_batch
+    amp: Literal["none"] = "none"               # fake quantization and its observers run in fp32
+    channels_last: bool = False
+    cudnn_benchmark: bool = True
+    tf32: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedConfig:
+    """The published int8 numbers of the row a recipe reproduces."""
+
+    acc1: Optional[float] = None
+    acc5: Optional[float] = None
+    source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: ClassificationDataConfig
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    train: TrainConfig
+    qat: QatConfig
+    run: RunConfig
+    expected: ExpectedConfig
+
+    def validate(self):
+        if self.model.weights is None and not self.run.eval_only:
+            yield "model.weights", ("required: QAT and PTQ start from float weights (torchvision's IMAGENET1K_V1 "
+                                    "file, or a classification checkpoint of this project)")
+
+
+def derived(cfg: Config, world_size: int | None = None, n_train: int | None = None) -> dict:
+    """Values computed from the recipe (logged; never written back into it)."""
+    world = world_size or launch_world_size()
+    out: dict = {"mode": cfg.qat.mode}
+    q = cfg.qat
+    if q.mode == "qat":
+        plan = plan_batch(cfg.run, cfg.data.batch_size, cfg.train.accumulate, cfg.optimizer.lr_scaling, world)
+        out.update({**plan.describe(), "lr": cfg.optimizer.lr * plan.lr_scale,
+                    "observer_update_epochs": _epochs(min(q.num_observer_update_epochs, cfg.schedule.epochs - 1)),
+                    "bn_stats_update_epochs": _epochs(min(q.num_batch_norm_update_epochs, cfg.schedule.epochs - 1))})
+    else:
+        out["calibration_images"] = cfg.data.batch_size * q.calibration_batches
+    if n_train is None:
+        n_train = count_images(Path(cfg.data.root) / "train")
+    if n_train is not None:
+        out["train_images"] = n_train
+        if q.mode == "qat":
+            out["optimizer_steps_per_epoch"] = -(-steps_per_epoch(n_train, world, cfg.data.batch_size)
+                                                 // out["accumulate"])
+    return out
+
+
+def _epochs(last: int) -> str:
+    return f"0-{last}" if last > 0 else "0"
+
+
+# ============================================================================ main
+
+
+def main(cfg: Config) -> dict:
+    dist = distributed.init(cfg.run.device)
+    device = dist.device
+    run = rundir.open_run(cfg, dist)
+    log = run.log
+    seeding.seed_everything(cfg.run.seed + dist.rank)
+    set_backends(device, cfg.train.cudnn_benchmark, cfg.train.tf32)
+    backend = cfg.qat.backend
+    quantize.check_backend(backend)
+    torch.backends.quantized.engine = backend   # int8 kernels and weight packing
+
+    train = not cfg.run.eval_only
+    train_set, train_loader, val_set, val_loader = build_data(cfg, dist, train=train)
+    batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, cfg.train.channels_last).to(device)
+    cpu_tf = BatchTransform(cfg.data.mean, cfg.data.std, False)
+    if cfg.run.check_data:
+        check_images([p for ds in (train_set, val_set) if ds is not None for p, _ in ds.samples], decode,
+                     cfg.data.workers, log)
+
+    if cfg.run.eval_only:
+        return evaluate_weights(cfg, dist, run, val_loader, batch_tf, cpu_tf, len(val_set))
+
+    model = build_model(cfg)
+    load_float_weights(model, cfg.model.weights)
+    if cfg.qat.mode == "ptq":
+        return post_training_quantization(cfg, dist, run, model, train_set, val_loader, batch_tf, cpu_tf)
+
+    # ---------------------------------------------------------------- QAT model, optimizer, schedule, loop
+    quantize.prepare_qat(model, backend)
+    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    plan = plan_batch(cfg.run, cfg.data.batch_size, cfg.train.accumulate, cfg.optimizer.lr_scaling,
+                      dist.world_size)
+    groups = param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.norm_weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, groups, lr_scale=plan.lr_scale)
+    schedule = EpochSchedule(cfg.schedule, optimizer, lr_scale=plan.lr_scale)
+    train_model = model
+    if dist.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    loop = Loop(cfg, dist, run, model, optimizer, schedule, plan, train_model=train_model, amp=cfg.train.amp)
+    loop.resume()
+    facts = derived(cfg, dist.world_size, len(train_set))
+    run.start(facts)
+    log.info(f"QAT {cfg.model.name} ({backend}) from {cfg.model.weights}: {len(train_set)} train / "
+             f"{len(val_set)} val images; " + ", ".join(f"{k} {v}" for k, v in facts.items()))
+    log.info(plan.summary(cfg.optimizer.lr))
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    q = cfg.qat
+    metrics: dict = {}
+    for epoch in loop.epochs():
+        # The phase is a function of the epoch alone, so a resumed run (mid-epoch too) trains exactly
+        # as an uninterrupted one; torchvision's reference re-enables observers for an epoch on resume.
+        trained = quantize.phase(epoch, q.num_observer_update_epochs, q.num_batch_norm_update_epochs)
+        quantize.set_phase(model, trained)
+        stats = train_one_epoch(train_model, criterion, loop, train_loader, batch_tf, device, epoch)
+        # The flags torchvision's script saves after this epoch (its checks run after training).
+        quantize.set_phase(model, quantize.phase(epoch + 1, q.num_observer_update_epochs,
+                                                 q.num_batch_norm_update_epochs))
+        sync_buffers(model, dist)
+        metrics, int8_model = evaluate_qat(model, val_loader, batch_tf, cpu_tf, device, backend, dist)
+        if dist.is_main:
+            quantize.export_int8(int8_model, run.out_dir / "export", backend, cfg.data.val_crop, {
+                "epoch": epoch, "int8_acc1": metrics["int8_acc1"], "int8_acc5": metrics["int8_acc5"],
+                "num_classes": cfg.model.num_classes, "val_resize": cfg.data.val_resize,
+                "mean": list(cfg.data.mean), "std": list(cfg.data.std)})
+        stats.update(observers=int(trained.observers), bn_stats=int(trained.bn_stats))
+        log.info(f"epoch {epoch}: fake-quant Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} | "
+                 f"int8 ({backend}) Acc@1 {metrics['int8_acc1']:.3f} Acc@5 {metrics['int8_acc5']:.3f} | "
+                 f"loss {stats['train_loss']:.4f} lr {stats['lr']:.5g} observers {'on' if trained.observers else 'off'} "
+                 f"BN stats {'updating' if trained.bn_stats else 'frozen'} {stats['images_per_s']:.1f} img/s")
+        loop.end_epoch(epoch, metrics, stats)
+    loop.finish()
+    return metrics
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
+    """(train_set, train_loader, val_set, val_loader); the train pair is (None, None) when not training.
+    Same loaders as train_classification.py (a recipe without AutoAugment and erasing)."""
+    root = Path(cfg.data.root)
+    pin = dist.device.type == "cuda"
+    val_set = ImageFolder(root / "val", eval_transform(cfg.data), cfg.run.seed, train=False)
+    val_sampler = EpochSampler(len(val_set), dist.rank, dist.world_size, cfg.run.seed, False)
+    val_loader = make_loader(val_set, BatchSampler(val_sampler, cfg.data.batch_size, False), cfg.data.workers, pin)
+    train_set = train_loader = None
+    if train:
+        train_set = ImageFolder(root / "train", TrainTransform(cfg.data), cfg.run.seed, train=True)
+        if train_set.classes != val_set.classes:
+            raise DataError(f"{root}: train/ and val/ have different class folders")
+        sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, cfg.run.seed, True)
+        train_loader = make_loader(train_set, EpochBatches(sampler, cfg.data.batch_size), cfg.data.workers, pin)
+    if len(val_set.classes) > cfg.model.num_classes:
+        raise DataError(f"{root}: {len(val_set.classes)} classes on disk but model.num_classes is "
+                        f"{cfg.model.num_classes}")
+    return train_set, train_loader, val_set, val_loader
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The quantizable MobileNetV3-Large (QuantStub/DeQuantStub, FloatFunctional, non-inplace ReLU), float."""
+    return build("quantizable_mobilenet_v3_large", num_classes=cfg.model.num_classes, dropout=cfg.model.dropout,
+                 norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=cfg.model.bn_momentum))
+
+
+def _read_state(path: str) -> dict[str, torch.Tensor]:
+    state = checkpoint.load(path)["model"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_float_weights(model: nn.Module, path: str) -> None:
+    state = _read_state(path)
+    if quantize.is_qat_state_dict(state):
+        raise UserError(f"model.weights: {path} holds a QAT (fake-quant) model, not float weights; continue "
+                        "its run with run.resume=auto (same run.output_dir) or evaluate it with run.eval_only=true")
+    problem = mismatch_report(model.state_dict(), state, path, "MobileNetV3-Large (float, before fusion)")
+    if problem:
+        raise UserError(f"model.weights: {problem}")
+    model.load_state_dict(state)
+
+
+def load_qat_weights(model: nn.Module, path: str) -> None:
+    """A QAT state dict (ours, or torchvision's published quantized weights) into a QAT-prepared model.
+    load_state_dict, not a key check first: torchvision's SE block fills keys that its 2021 files lack."""
+    state = _read_state(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        problem = mismatch_report(model.state_dict(), state, path, "the QAT-prepared MobileNetV3-Large")
+        raise UserError(f"model.weights: {problem or path + ': does not load into the QAT model'}") from None
+
+
+def sync_buffers(model: nn.Module, dist: distributed.DistState) -> None:
+    """Rank 0's buffers everywhere (observer ranges, BN statistics): each rank's last forward updated its
+    own, and the checkpoint and export are rank 0's, so every rank evaluates the model that is saved."""
+    if dist.distributed:
+        for b in model.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
+# ============================================================================ one epoch
+
+
+def train_one_epoch(model, criterion, loop: Loop, loader, batch_tf, device, epoch: int) -> dict:
+    model.train()
+    for images, targets, erase in loop.batches(loader, epoch):
+        images = batch_tf(images.to(device, non_blocking=True), erase)
+        targets = targets.to(device, non_blocking=True)
+        with loop.forward():
+            loss = criterion(model(images), targets)
+        loop.backward(loss, images=images.shape[0])
+    return loop.epoch_stats()
+
+
+# ============================================================================ evaluation
+
+
+@torch.no_grad()
+def evaluate(model, loader, batch_tf, device, dist: distributed.DistState) -> dict:
+    """Acc@1/Acc@5 over every validation image exactly once, reduced across ranks (on `device`; the
+    counts are reduced on the process group's device, so an int8 CPU evaluation works under NCCL)."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
+    for images, targets in loader:
+        images = batch_tf(images.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        counts[:2] += topk_correct(model(images).float(), targets, (1, 5))
+        counts[2] += targets.numel()
+    counts = distributed.all_reduce_sum(counts.to(dist.device), dist)
+    n = counts[2].item()
+    return {"acc1": 100.0 * counts[0].item() / n, "acc5": 100.0 * counts[1].item() / n, "val_images": int(n)}
+
+
+def evaluate_qat(model, val_loader, batch_tf, cpu_tf, device, backend: str, dist) -> tuple[dict, nn.Module]:
+    """The fake-quant model on the training device, then an int8 CPU conversion of it."""
+    with quantize.observers_frozen(model):
+        metrics = evaluate(model, val_loader, batch_tf, device, dist)
+    int8_model = quantize.convert_int8(model, backend)
+    with quantize.engine(backend):
+        int8 = evaluate(int8_model, val_loader, cpu_tf, torch.device("cpu"), dist)
+    metrics.update(int8_acc1=int8["acc1"], int8_acc5=int8["acc5"])
+    return metrics, int8_model
+
+
+def evaluate_weights(cfg: Config, dist, run, val_loader, batch_tf, cpu_tf, n_val: int) -> dict:
+    """run.eval_only: an int8 export (evaluated as loaded), or a QAT checkpoint (fake-quant and int8)."""
+    weights, log = cfg.model.weights, run.log
+    if weights is None:
+        raise UserError("run.eval_only=true needs model.weights: an int8 export (RUN/export) or a QAT checkpoint")
+    if quantize.is_int8_export(weights):
+        int8_model, meta = quantize.load_int8(weights)
+        with quantize.engine(meta["backend"]):
+            m = evaluate(int8_model, val_loader, cpu_tf, torch.device("cpu"), dist)
+        metrics = {"int8_acc1": m["acc1"], "int8_acc5": m["acc5"], "val_images": m["val_images"]}
+        what = f"int8 export ({meta['backend']}, TorchScript)"
+    else:
+        model = build_model(cfg)
+        state = _read_state(weights)
+        if not quantize.is_qat_state_dict(state):
+            raise UserError(f"model.weights: {weights} holds float weights; evaluate them with train_classification.py, "
+                            "or quantize them with qat.mode=ptq")
+        quantize.prepare_qat(model, cfg.qat.backend)
+        load_qat_weights(model, weights)
+        model.to(dist.device)
+        metrics, _ = evaluate_qat(model, val_loader, batch_tf, cpu_tf, dist.device, cfg.qat.backend, dist)
+        what = f"QAT checkpoint, converted to int8 ({cfg.qat.backend})"
+    log.info(f"eval {weights} [{what}] on {n_val} images: int8 Acc@1 {metrics['int8_acc1']:.3f} "
+             f"(published {_fmt(cfg.expected.acc1)})  int8 Acc@5 {metrics['int8_acc5']:.3f} "
+             f"(published {_fmt(cfg.expected.acc5)})"
+             + (f"; fake-quant Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}" if "acc1" in metrics else ""))
+    run.write_eval({"weights": weights, **metrics})
+    return metrics
+
+
+def post_training_quantization(cfg: Config, dist, run, model, train_set, val_loader, batch_tf, cpu_tf) -> dict:
+    """torchvision's PTQ: fuse, default qconfig, calibrate on the first calibration_batches x batch_size
+    training images (folder order, training transform of epoch 0, as its Subset(range(n)) did), convert."""
+    log, backend = run.log, cfg.qat.backend
+    facts = derived(cfg, dist.world_size, len(train_set))
+    run.start(facts)
+    model.to(dist.device)
+    float_metrics = evaluate(model, val_loader, batch_tf, dist.device, dist)
+    model.cpu()
+    quantize.prepare_ptq(model, backend)
+    n = min(len(train_set), cfg.data.batch_size * cfg.qat.calibration_batches)
+    keys = [(0, i) for i in range(n)]  # (epoch, index): ImageFolder's per-sample-seeded training transform
+    loader = make_loader(train_set, BatchSampler(keys, cfg.data.batch_size, False), cfg.data.workers, False)
+    with quantize.engine(backend):
+        seen = quantize.calibrate(model, (cpu_tf(images, erase) for images, _, erase in loader))
+    int8_model = quantize.convert_int8(model, backend)
+    with quantize.engine(backend):
+        m = evaluate(int8_model, val_loader, cpu_tf, torch.device("cpu"), dist)
+    metrics = {"int8_acc1": m["acc1"], "int8_acc5": m["acc5"], "val_images": m["val_images"],
+               "float_acc1": float_metrics["acc1"], "float_acc5": float_metrics["acc5"], "calibration_images": seen}
+    if dist.is_main:
+        quantize.export_int8(int8_model, run.out_dir / "export", backend, cfg.data.val_crop, {
+            "mode": "ptq", "int8_acc1": metrics["int8_acc1"], "int8_acc5": metrics["int8_acc5"],
+            "num_classes": cfg.model.num_classes, "val_resize": cfg.data.val_resize,
+            "mean": list(cfg.data.mean), "std": list(cfg.data.std)})
+    log.info(f"PTQ ({backend}) of {cfg.model.weights}, calibrated on {seen} training images: int8 Acc@1 "
+             f"{metrics['int8_acc1']:.3f} (published {_fmt(cfg.expected.acc1)}) Acc@5 {metrics['int8_acc5']:.3f} "
+             f"(published {_fmt(cfg.expected.acc5)}); float Acc@1 {metrics['float_acc1']:.3f} "
+             f"Acc@5 {metrics['float_acc5']:.3f}; export: {run.out_dir / 'export'}")
+    run.write_eval({"weights": cfg.model.weights, "mode": "ptq", **metrics})
+    return metrics
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    launch(Config, main, derived)
