@@ -1,6 +1,6 @@
 """Write small, deterministic datasets in the real on-disk formats.
 
-    python tools/make_toy_data.py --out DIR [--seed N]
+    python tools/make_toy_data.py --out DIR [--seed N] [--coco-train 24] [--coco-val 8]
 
 DIR/imagenet/{train,val}/<class>/*.jpg   ImageFolder, 10 visually distinct classes, 64-320 px JPEGs
 DIR/coco/{train2017,val2017}/*.jpg        COCO images with several objects each
@@ -201,11 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="output folder (replaced if it exists)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--coco-train", type=int, default=24, help="toy COCO training images (the toy detector "
+                    "learns more from more: recipes/toy/detection.yaml's README figure used 96)")
+    ap.add_argument("--coco-val", type=int, default=8, help="toy COCO validation images")
     args = ap.parse_args(argv)
     for sub in ("imagenet", "coco"):
         shutil.rmtree(args.out / sub, ignore_errors=True)
     make_imagenet(args.out / "imagenet", args.seed)
-    make_coco(args.out / "coco", args.seed)
+    make_coco(args.out / "coco", args.seed, args.coco_train, args.coco_val)
     print(f"toy data written to {args.out}")
 
 
