@@ -31,6 +31,8 @@ bench: $(STAMP) $(TOY)/.done
 	$(PY) bench/average_memory.py
 	$(PY) bench/accumulation.py
 	$(PY) bench/segmentation.py --data $(TOY)
+	$(PY) bench/detection.py
+	$(PY) bench/qat_latency.py --threads 1
 
 clean:
 	rm -rf runs $(TOY)
