@@ -24,7 +24,7 @@ from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
 from engine.loop import AMP_DTYPES, Accumulate, Loop, launch, launch_world_size, plan_batch, set_backends
-from engine.metrics import topk_correct
+from engine.metrics import evaluate_classifier
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, load_weights
 
@@ -210,21 +210,9 @@ def train_one_epoch(model, criterion, loop: Loop, loader, batch_tf, device, epoc
 # ============================================================================ evaluation
 
 
-@torch.no_grad()
 def evaluate(model, loader, batch_tf, device, amp_dtype, dist: distributed.DistState) -> dict:
-    """Acc@1/Acc@5 and the mean cross-entropy over every validation image exactly once, reduced across ranks."""
-    model.eval()
-    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, images
-    for images, targets in loader:
-        images = batch_tf(images.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        counts[:2] += topk_correct(logits.float(), targets, (1, 5))
-        counts[2] += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").double()
-        counts[3] += targets.numel()
-    top1, top5, loss, n = distributed.all_reduce_sum(counts, dist).tolist()
-    return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
+    """Acc@1/Acc@5 and val loss over every validation image exactly once (engine.metrics, shared with QAT)."""
+    return evaluate_classifier(model, loader, batch_tf, device, dist, amp_dtype)
 
 
 if __name__ == "__main__":

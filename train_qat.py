@@ -28,14 +28,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler
 
-from data.classification import (BatchTransform, ClassificationDataConfig, EpochSampler, ImageFolder, TrainTransform,
-                                 count_images, decode, eval_transform, make_loader, steps_per_epoch)
+from data.classification import (BatchTransform, build_loaders, ClassificationDataConfig, count_images, decode, make_loader, steps_per_epoch)
 from engine import checkpoint, distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
-from engine.errors import DataError, UserError
-from engine.loop import Accumulate, EpochBatches, Loop, launch, launch_world_size, plan_batch, set_backends
-from engine.metrics import topk_correct
+from engine.errors import UserError
+from engine.loop import Accumulate, Loop, launch, launch_world_size, plan_batch, set_backends
+from engine.metrics import evaluate_classifier
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, quantize
 from models.weights import mismatch_report
@@ -146,7 +145,8 @@ def main(cfg: Config) -> dict:
     torch.backends.quantized.engine = backend   # int8 kernels and weight packing
 
     train = not cfg.run.eval_only
-    train_set, train_loader, val_set, val_loader = build_data(cfg, dist, train=train)
+    train_set, train_loader, val_set, val_loader = build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, dist,
+                                                                 train=train)
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, cfg.train.channels_last).to(device)
     cpu_tf = BatchTransform(cfg.data.mean, cfg.data.std, False)
     if cfg.run.check_data:
@@ -212,27 +212,6 @@ def main(cfg: Config) -> dict:
 # ---------------------------------------------------------------- builders
 
 
-def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
-    """(train_set, train_loader, val_set, val_loader); the train pair is (None, None) when not training.
-    Same loaders as train_classification.py (a recipe without AutoAugment and erasing)."""
-    root = Path(cfg.data.root)
-    pin = dist.device.type == "cuda"
-    val_set = ImageFolder(root / "val", eval_transform(cfg.data), cfg.run.seed, train=False)
-    val_sampler = EpochSampler(len(val_set), dist.rank, dist.world_size, cfg.run.seed, False)
-    val_loader = make_loader(val_set, BatchSampler(val_sampler, cfg.data.batch_size, False), cfg.data.workers, pin)
-    train_set = train_loader = None
-    if train:
-        train_set = ImageFolder(root / "train", TrainTransform(cfg.data), cfg.run.seed, train=True)
-        if train_set.classes != val_set.classes:
-            raise DataError(f"{root}: train/ and val/ have different class folders")
-        sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, cfg.run.seed, True)
-        train_loader = make_loader(train_set, EpochBatches(sampler, cfg.data.batch_size), cfg.data.workers, pin)
-    if len(val_set.classes) > cfg.model.num_classes:
-        raise DataError(f"{root}: {len(val_set.classes)} classes on disk but model.num_classes is "
-                        f"{cfg.model.num_classes}")
-    return train_set, train_loader, val_set, val_loader
-
-
 def build_model(cfg: Config) -> nn.Module:
     """The quantizable MobileNetV3-Large (QuantStub/DeQuantStub, FloatFunctional, non-inplace ReLU), float."""
     return build("quantizable_mobilenet_v3_large", num_classes=cfg.model.num_classes, dropout=cfg.model.dropout,
@@ -291,21 +270,9 @@ def train_one_epoch(model, criterion, loop: Loop, loader, batch_tf, device, epoc
 # ============================================================================ evaluation
 
 
-@torch.no_grad()
 def evaluate(model, loader, batch_tf, device, dist: distributed.DistState) -> dict:
-    """Acc@1/Acc@5 over every validation image exactly once, reduced across ranks (on `device`; the
-    counts are reduced on the process group's device, so an int8 CPU evaluation works under NCCL)."""
-    if isinstance(model, nn.Module):
-        model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, images
-    for images, targets in loader:
-        images = batch_tf(images.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
-        counts[:2] += topk_correct(model(images).float(), targets, (1, 5))
-        counts[2] += targets.numel()
-    counts = distributed.all_reduce_sum(counts.to(dist.device), dist)
-    n = counts[2].item()
-    return {"acc1": 100.0 * counts[0].item() / n, "acc5": 100.0 * counts[1].item() / n, "val_images": int(n)}
+    """Acc@1/Acc@5 over every validation image exactly once (engine.metrics, shared with classification)."""
+    return evaluate_classifier(model, loader, batch_tf, device, dist)
 
 
 def evaluate_qat(model, val_loader, batch_tf, cpu_tf, device, backend: str, dist) -> tuple[dict, nn.Module]:

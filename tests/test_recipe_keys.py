@@ -73,6 +73,7 @@ def _alternatives(root: Path, weights: Path, fewer: Path) -> dict:
         "data.erasing_scale": (["data.random_erasing=1.0"], [0.3, 0.6]),
         "data.erasing_ratio": (["data.random_erasing=1.0"], [1.0, 2.0]),
         "data.auto_augment": ([], None),
+        "data.val_resize": ([], 64),
         "data.mean": ([], [0.4, 0.456, 0.406]),
         "data.std": ([], [0.3, 0.224, 0.225]),
         "run.world_size": ([], 8),

@@ -164,7 +164,7 @@ def test_set_phase_freezes_observers_and_bn_statistics():
 
 def _val_images(data_root, n=32):
     cfg = load_config(tq_script.Config, RECIPE, [f"data.root={data_root}", "data.workers=0"])
-    _, _, _, val_loader = tq_script.build_data(cfg, tq_script.distributed.DistState(), train=False)
+    _, _, _, val_loader = tq_script.build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, tq_script.distributed.DistState(), train=False)
     cpu_tf = tq_script.BatchTransform(cfg.data.mean, cfg.data.std, False)
     return torch.cat([cpu_tf(b) for b, _ in val_loader])[:n]
 
@@ -220,7 +220,7 @@ def test_qat_run_contract_torchvision_conversion_and_export_in_a_fresh_process(r
         ref_int8 = tq.convert(ref.eval(), inplace=False)
         cfg_eval = load_config(tq_script.Config, RECIPE, [f"data.root={small_data}", "data.workers=0"])
         dist = tq_script.distributed.DistState()
-        _, _, _, val_loader = tq_script.build_data(cfg_eval, dist, train=False)
+        _, _, _, val_loader = tq_script.build_loaders(cfg_eval.data, cfg_eval.model.num_classes, cfg_eval.run.seed, dist, train=False)
         cpu_tf = tq_script.BatchTransform(cfg_eval.data.mean, cfg_eval.data.std, False)
         acc = tq_script.evaluate(ref_int8, val_loader, cpu_tf, torch.device("cpu"), dist)
         assert acc["acc1"] == r[-1]["int8_acc1"] and acc["acc5"] == r[-1]["int8_acc5"]
@@ -277,7 +277,7 @@ def test_post_training_quantization(small_data, float_weights, tmp_path):
     cfg = load_config(tq_script.Config, RECIPE, args(small_data, float_weights, out, "qat.mode=ptq",
                                                         "qat.calibration_batches=2")[2:])
     dist = tq_script.distributed.DistState()
-    train_set, _, _, val_loader = tq_script.build_data(cfg, dist)
+    train_set, _, _, val_loader = tq_script.build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, dist)
     cpu_tf = tq_script.BatchTransform(cfg.data.mean, cfg.data.std, False)
     ref = tv_quantizable(num_classes=10)
     ref.load_state_dict(state(float_weights))
