@@ -96,10 +96,20 @@ def reference(small, tmp_path_factory):
         lrs.append(self.param_groups[0]["lr"])
         return step(self, *a, **kw)
 
+    # The subprocess runs it is compared with bit for bit use a fresh process's thread count; an earlier
+    # test in this pytest process may have changed ours (bench/data_throughput.py sets 1), and the thread
+    # count changes the float summation order of CPU convolutions.
+    fresh = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, check=True).stdout)
+    threads = torch.get_num_threads()
     stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        mp.setattr(torch.optim.SGD, "step", recording_step)
-        td.main(load_config(td.Config, TOY, fast(data, out, backbone)[2:]))
+    try:
+        torch.set_num_threads(fresh)
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+            mp.setattr(torch.optim.SGD, "step", recording_step)
+            td.main(load_config(td.Config, TOY, fast(data, out, backbone)[2:]))
+    finally:
+        torch.set_num_threads(threads)
     return out, lrs, stdout.getvalue()
 
 
