@@ -84,6 +84,19 @@ def small(toy_data, tmp_path_factory):
     return root, backbone
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_thread_count():
+    """In-process runs here are compared bit for bit with subprocess runs, so they use a fresh process's
+    thread count: an earlier test may have changed ours (bench/data_throughput.py sets 1), and the thread
+    count changes the float summation order of CPU convolutions."""
+    fresh = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, check=True).stdout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(fresh)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(small, tmp_path_factory):
     """One uninterrupted 2-epoch run, in process, recording the LR of every optimizer step."""
@@ -96,20 +109,10 @@ def reference(small, tmp_path_factory):
         lrs.append(self.param_groups[0]["lr"])
         return step(self, *a, **kw)
 
-    # The subprocess runs it is compared with bit for bit use a fresh process's thread count; an earlier
-    # test in this pytest process may have changed ours (bench/data_throughput.py sets 1), and the thread
-    # count changes the float summation order of CPU convolutions.
-    fresh = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                               capture_output=True, text=True, check=True).stdout)
-    threads = torch.get_num_threads()
     stdout = io.StringIO()
-    try:
-        torch.set_num_threads(fresh)
-        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-            mp.setattr(torch.optim.SGD, "step", recording_step)
-            td.main(load_config(td.Config, TOY, fast(data, out, backbone)[2:]))
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(torch.optim.SGD, "step", recording_step)
+        td.main(load_config(td.Config, TOY, fast(data, out, backbone)[2:]))
     return out, lrs, stdout.getvalue()
 
 
