@@ -20,7 +20,6 @@ from typing import Literal, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.utils import draw_bounding_boxes
 
@@ -170,19 +169,17 @@ def main(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- loop
     metrics: dict = {}
-    image_log = _ImageLog(run)
     for epoch in loop.epochs():
         stats = train_one_epoch(train_model, loop, train_loader, device, epoch)
         metrics, results, drawn = evaluate(model, val_loader, val_set, gt, device, amp_dtype, dist, draw_ids,
                                            cfg.train.draw_score_thresh)
         _write_detections(run.out_dir / "detections" / f"epoch_{epoch:03d}.json", results, dist)
-        image_log.add(epoch, drawn)
+        run.log.images(epoch, drawn)
         published = _fmt(cfg.expected.bbox_map)
         log.info(f"epoch {epoch}: box mAP {metrics['bbox_map']:.2f} (published {published}) "
                  f"loss {stats['train_loss']:.4f} lr {stats['lr']:.5g} {stats['images_per_s']:.1f} img/s "
                  f"data-wait {100 * stats['data_wait']:.0f}%")
         loop.end_epoch(epoch, metrics, stats)
-    image_log.close()
     loop.finish()
     return metrics
 
@@ -247,29 +244,6 @@ def _fmt(v: float | None) -> str:
 def _write_detections(path: Path, results: list[dict] | None, dist: distributed.DistState) -> None:
     if dist.is_main:
         checkpoint.atomic_write_text(path, json.dumps(results) + "\n")
-
-
-class _ImageLog:
-    """Predictions drawn on fixed val images, to TensorBoard (main process). engine.runlog.RunLog writes
-    scalars only; a second writer in the same folder would interleave two event files whose steps
-    TensorBoard reads as a restart (it purges): the images are a run of their own, tensorboard/predictions."""
-
-    def __init__(self, run):
-        self.dir, self.enabled = run.out_dir / "tensorboard" / "predictions", run.dist.is_main
-        self.writer = None
-
-    def add(self, epoch: int, images: dict[str, torch.Tensor]) -> None:
-        if not (self.enabled and images):
-            return
-        if self.writer is None:  # purge_step: a resumed run replaces what the lost epochs had written
-            self.writer = SummaryWriter(str(self.dir), purge_step=epoch)
-        for tag, image in images.items():
-            self.writer.add_image(tag, image, epoch)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 # ============================================================================ one epoch

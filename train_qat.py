@@ -59,6 +59,7 @@ class QatConfig:
     num_observer_update_epochs: int             # torchvision's names and semantics: observers update while
     num_batch_norm_update_epochs: int           # epoch <= N (disabled once epoch N has been trained)
     calibration_batches: int = 32               # ptq: training batches (data.batch_size each) observed
+    export: bool = True                         # write export/ (the int8 model as TorchScript) after every epoch
 
     def validate(self):
         for name in ("num_observer_update_epochs", "num_batch_norm_update_epochs"):
@@ -194,7 +195,7 @@ def main(cfg: Config) -> dict:
                                                  q.num_batch_norm_update_epochs))
         sync_buffers(model, dist)
         metrics, int8_model = evaluate_qat(model, val_loader, batch_tf, cpu_tf, device, backend, dist)
-        if dist.is_main:
+        if dist.is_main and q.export:
             quantize.export_int8(int8_model, run.out_dir / "export", backend, cfg.data.val_crop, {
                 "epoch": epoch, "int8_acc1": metrics["int8_acc1"], "int8_acc5": metrics["int8_acc5"],
                 "num_classes": cfg.model.num_classes, "val_resize": cfg.data.val_resize,
@@ -336,7 +337,7 @@ def post_training_quantization(cfg: Config, dist, run, model, train_set, val_loa
         m = evaluate(int8_model, val_loader, cpu_tf, torch.device("cpu"), dist)
     metrics = {"int8_acc1": m["acc1"], "int8_acc5": m["acc5"], "val_images": m["val_images"],
                "float_acc1": float_metrics["acc1"], "float_acc5": float_metrics["acc5"], "calibration_images": seen}
-    if dist.is_main:
+    if dist.is_main and cfg.qat.export:
         quantize.export_int8(int8_model, run.out_dir / "export", backend, cfg.data.val_crop, {
             "mode": "ptq", "int8_acc1": metrics["int8_acc1"], "int8_acc5": metrics["int8_acc5"],
             "num_classes": cfg.model.num_classes, "val_resize": cfg.data.val_resize,
@@ -344,7 +345,7 @@ def post_training_quantization(cfg: Config, dist, run, model, train_set, val_loa
     log.info(f"PTQ ({backend}) of {cfg.model.weights}, calibrated on {seen} training images: int8 Acc@1 "
              f"{metrics['int8_acc1']:.3f} (published {_fmt(cfg.expected.acc1)}) Acc@5 {metrics['int8_acc5']:.3f} "
              f"(published {_fmt(cfg.expected.acc5)}); float Acc@1 {metrics['float_acc1']:.3f} "
-             f"Acc@5 {metrics['float_acc5']:.3f}; export: {run.out_dir / 'export'}")
+             f"Acc@5 {metrics['float_acc5']:.3f}" + (f"; export: {run.out_dir / 'export'}" if cfg.qat.export else ""))
     run.write_eval({"weights": cfg.model.weights, "mode": "ptq", **metrics})
     return metrics
 

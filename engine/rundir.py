@@ -32,6 +32,7 @@ OPERATIONAL = frozenset({
     "run.output_dir", "run.device", "run.resume", "run.eval_only", "run.keep_checkpoints", "run.print_freq",
     "run.allow_changes", "run.check_data", "data.root", "data.workers", "train.cudnn_benchmark",
     "data.mask_cache", "data.eval_batch_size", "train.draw_images",  # segmentation/detection: cache, eval batching, TB
+    "qat.export",  # QAT/PTQ: whether export/ is written
 })
 OPERATIONAL_SECTIONS = ("expected.",)  # the published numbers a run is compared with
 

@@ -2,29 +2,42 @@
 something observable in a short in-process run of the script's own main().
 
 What counts as observable is what a user can see afterwards: the run directory (metrics.jsonl
-without timings, every tensor of every checkpoint, the files present, eval.json, report.md) and
-the run's log with timings masked. config.yaml and env.json are left out: they echo every key, so
-they would make every key look alive. A key that legitimately changes nothing in a short CPU run is
+without timings, every tensor of every checkpoint, the files present, every JSON file such as
+detections/epoch_NNN.json, eval.json, report.md, the images drawn in TensorBoard) and the run's
+log with timings masked. What only echoes configuration is left out, since it would make every key
+look alive: config.yaml, env.json, the report's provenance table, the log's summary of derived values. A key that legitimately changes nothing in a short CPU run is
 exempted by the caller, with a one-line reason.
 
-Used by tests/test_recipe_keys.py (classification) and by each other script's test module.
+Used by tests/test_recipe_keys.py for every script.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import importlib
+import io
 import json
+import multiprocessing
+import os
 import re
+import traceback
 import types
 import typing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 
 from engine.config import load_config
+from engine.errors import UserError
 
+# What only repeats configuration values is not an effect: the log's summary of the derived values
+# (lr, batch sizes, ...) and the report's provenance table; a key seen only there would look alive.
+ECHO = re.compile(r"batch_per_process|^global batch \d+ = ")
+ECHO_SECTION = "## Provenance"
 TIMING = re.compile(r"(eta \S+|img_s \S+|\S+ img/s|data-wait \S+|images_per_s\S*|\d+(\.\d+)? ?s\b)")
 
 
@@ -102,15 +115,32 @@ def fingerprint(run_dir: Path, log: str) -> dict[str, Any]:
     obs["files"] = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
                           if p.is_file() and "tensorboard" not in p.parts)
     if ckpts.is_dir():
+        seen: dict[tuple[int, int], str] = {}  # last.pt is a hard link to the newest epoch file
         for p in sorted(ckpts.glob("*.pt")):
-            state = torch.load(p, map_location="cpu", weights_only=True)
-            obs[f"ckpt:{p.name}"] = _digest({k: v for k, v in state.items() if k not in ("config", "rng")})
+            inode = (p.stat().st_dev, p.stat().st_ino)
+            if inode not in seen:
+                state = torch.load(p, map_location="cpu", weights_only=True)
+                seen[inode] = _digest({k: v for k, v in state.items() if k not in ("config", "rng")})
+            obs[f"ckpt:{p.name}"] = seen[inode]
+    for p in sorted(run_dir.rglob("*.json")):  # e.g. detections/epoch_NNN.json (env.json: see above)
+        if p.name not in ("env.json", "eval.json"):
+            obs[f"json:{p.relative_to(run_dir)}"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    if (run_dir / "tensorboard").is_dir():  # the drawn images (its scalars repeat metrics.jsonl)
+        obs["images"] = _tensorboard_images(run_dir / "tensorboard")
     for name in ("eval.json", "report.md"):
         if (run_dir / name).exists():
-            text = (run_dir / name).read_text().replace(root, "<run>")
+            text = (run_dir / name).read_text().replace(root, "<run>").split(ECHO_SECTION)[0]
             obs[name] = re.sub(r"(commit|hostname|date|time|python|torch\w*)\W+\S+", "", text)
-    obs["log"] = [TIMING.sub("", line.replace(root, "<run>")) for line in log.splitlines()]
+    obs["log"] = [TIMING.sub("", line.replace(root, "<run>")) for line in log.splitlines() if not ECHO.search(line)]
     return obs
+
+
+def _tensorboard_images(folder: Path) -> list[tuple[str, int, str]]:
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={IMAGES: 0}).Reload()
+    return [(tag, e.step, hashlib.sha256(e.encoded_image_string).hexdigest())
+            for tag in sorted(events.Tags()["images"]) for e in events.Images(tag)]
 
 
 def _digest(obj: Any) -> str:
@@ -120,7 +150,8 @@ def _digest(obj: Any) -> str:
         if isinstance(o, torch.Tensor):
             t = o.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
         elif isinstance(o, dict):
             for k in sorted(o, key=str):
                 h.update(str(k).encode())
@@ -135,42 +166,130 @@ def _digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def dead_keys(cls: type, recipe: Path, base: list[str], run: Callable[[Any], None], out_root: Path,
-              capture: Callable[[], str], alternatives: dict[str, tuple[list[str], Any]],
-              exempt: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Run main once per key; returns (keys whose change was not observable, keys checked).
+def dead_keys(script: str, recipe: Path, base: list[str], out_root: Path,
+              alternatives: dict[str, tuple[list[str], Any]], exempt: dict[str, str],
+              workers: int | None = None) -> tuple[list[str], list[str]]:
+    """Run the script's main() once per key; returns (keys whose change was not observable, keys checked).
 
-    alternatives: key -> (context overrides applied to both arms, the changed value); by default the
-    context is empty and the value is generic_alternative(type, recipe value). Each arm writes to its
-    own output directory; the directory name is masked, so only run.output_dir's own arm differs.
+    script: the module name (e.g. "train_detection"); its Config and main are used. alternatives: key ->
+    (context overrides applied to both arms, the changed value); by default the context is empty and the
+    value is generic_alternative(type, recipe value). Each arm writes to its own output directory; the
+    directory name is masked, so only run.output_dir's own arm differs. The unchanged arm must run; the
+    changed one may be refused with a clear error (engine.errors.UserError, e.g. a checkpoint that does
+    not fit model.num_classes): the refusal is its observable effect.
+
+    The arms are independent runs, so they run in `workers` spawned processes (default: up to 4, one
+    per core) of one thread each: the same thread count in every arm keeps CPU results bit-comparable,
+    and tiny runs scale better over processes than over threads.
     """
-    cache: dict[tuple[str, ...], dict] = {}
-
-    def observe(overrides: list[str]) -> dict:
-        key = tuple(overrides)
-        if key not in cache:
-            out = out_root / f"arm{len(cache)}"
-            args = [*base, *overrides]
-            if not any(a.startswith("run.output_dir=") for a in overrides):
-                args.append(f"run.output_dir={out}")
-            cfg = load_config(cls, recipe, args)
-            capture()
-            try:
-                run(cfg)
-            except Exception as exc:
-                raise AssertionError(f"the run with {overrides} failed: {type(exc).__name__}: {exc}") from exc
-            cache[key] = fingerprint(Path(cfg.run.output_dir), capture())
-        return cache[key]
-
-    dead, checked = [], []
+    cls = importlib.import_module(script).Config
     base_cfg = load_config(cls, recipe, base)
+    pairs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     for key, tp in leaf_keys(cls):
         if key in exempt:
             continue
         context, alt = alternatives.get(key, ([], None))
         if key not in alternatives:
             alt = generic_alternative(tp, get(base_cfg, key))
-        checked.append(key)
-        if observe(list(context)) == observe([*context, f"{key}={yaml_value(alt)}"]):
-            dead.append(key)
-    return dead, checked
+        pairs[key] = (tuple(context), (*context, f"{key}={yaml_value(alt)}"))
+    arms = list(dict.fromkeys(arm for pair in pairs.values() for arm in pair))
+    jobs = [(script, str(recipe), [*base, *arm], str(out_root / f"arm{i}"), str(out_root)) for i, arm in enumerate(arms)]
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        observed = dict(zip(arms, pool.map(_observe, jobs)))
+    unchanged = {arm for arm, _ in pairs.values()}
+    for arm, obs in observed.items():
+        if "failed" in obs or (arm in unchanged and "refused" in obs):
+            raise AssertionError(f"the run with {list(arm)} failed: {obs.get('failed') or obs['refused']}")
+    dead = [key for key, (a, b) in pairs.items() if observed[a] == observed[b]]
+    return dead, list(pairs)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _observe(job: tuple[str, str, list[str], str, str]) -> dict:
+    """One arm, in a worker process: the run's fingerprint, its clear refusal, or its failure."""
+    script, recipe, args, out, out_root = job
+    module = importlib.import_module(script)
+    if not any(a.startswith("run.output_dir=") for a in args):
+        args = [*args, f"run.output_dir={out}"]
+    stdout = io.StringIO()
+    try:
+        cfg = load_config(module.Config, Path(recipe), args)
+        with contextlib.redirect_stdout(stdout):
+            module.main(cfg)
+    except UserError as exc:  # a clear refusal of the changed value is an effect the user sees
+        return {"refused": str(exc).replace(out_root, "<arms>")}
+    except BaseException as exc:  # noqa: BLE001 - reported with the arm's overrides by the caller
+        return {"failed": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"}
+    return fingerprint(Path(cfg.run.output_dir), stdout.getvalue())
+
+
+# ------------------------------------------------------------------ the sections every script shares
+# Each context sets what the changed key needs in order to act at all, whatever the script's recipe says
+# (an eps acts only in RMSprop/AdamW, a milestone only in a multistep schedule of two epochs, ...).
+
+SHARED_EXEMPT = {
+    "data.workers": "by design: augmentation is seeded per sample, so results do not depend on the worker count",
+    "run.device": "'auto' and 'cpu' are the same device on a machine without a GPU",
+    "train.cudnn_benchmark": "CUDA only",
+    "train.tf32": "CUDA (Ampere and newer) only",
+    "train.channels_last": "memory layout only (tests/data check the batch layout; bench/ measures the speed)",
+    "run.allow_changes": "acts only when a run resumes with a changed recipe (tests/test_run_safety.py)",
+    "run.divergence_factor": "acts only when the loss explodes (tests/test_run_safety.py, tests/engine/test_loop.py)",
+    "run.output_dir": "the arms' directories are masked; checked directly in test_output_dir_is_where_the_run_goes",
+}
+
+_RMSPROP = ["optimizer.name=rmsprop", "optimizer.alpha=0.9", "optimizer.momentum=0.9", "optimizer.tf_eps=null",
+            "optimizer.eps=0.01"]
+_STEP = ["schedule.name=step", "schedule.step_size=1", "schedule.gamma=0.5", "schedule.epochs=2",
+         "schedule.per_iteration=false"]
+
+
+def shared_alternatives(batch_size: int, per_iteration: bool) -> dict[str, tuple[list[str], Any]]:
+    """The optimizer, schedule, run and shared train keys: key -> (context for both arms, changed value).
+    batch_size: the walk's data.batch_size; per_iteration: the walk's schedule.per_iteration."""
+    return {
+        "optimizer.name": ([], "adamw"),
+        "optimizer.weight_decay": ([], 0.05),
+        "optimizer.momentum": ([], 0.5),
+        "optimizer.norm_weight_decay": ([], 0.5),
+        "optimizer.alpha": (_RMSPROP, 0.5),
+        "optimizer.eps": (_RMSPROP, 0.5),
+        "optimizer.tf_eps": ([*_RMSPROP, "optimizer.eps=null", "optimizer.tf_eps=0.001"], 0.1),
+        "optimizer.nesterov": (["optimizer.name=sgd", "optimizer.tf_eps=null", "optimizer.eps=null",
+                                "optimizer.momentum=0.9"], True),
+        "optimizer.betas": (["optimizer.name=adamw", "optimizer.tf_eps=null", "optimizer.alpha=null"], [0.5, 0.9]),
+        "optimizer.lr_scaling": ([f"run.global_batch={2 * batch_size}", "train.accumulate=1"], "linear"),
+        # epoch 1 of 2 at 0.25 x lr (step, multistep, poly) against cosine's 0.5 x lr
+        "schedule.name": (["schedule.epochs=2", "schedule.gamma=0.25", "schedule.step_size=1", "schedule.power=2.0",
+                           "schedule.milestones=[1]"], "cosine"),
+        "schedule.milestones": (["schedule.name=multistep", "schedule.gamma=0.5", "schedule.milestones=[5]",
+                                 "schedule.epochs=2"], [1]),
+        "schedule.gamma": (_STEP, 0.25),
+        "schedule.step_size": ([*_STEP, "schedule.step_size=5"], 1),
+        "schedule.power": (["schedule.name=poly", "schedule.power=1.0", "schedule.epochs=2"], 2.0),
+        "schedule.min_lr": (["schedule.name=cosine", "schedule.epochs=2", "schedule.per_iteration=false"], 0.001),
+        "schedule.warmup_epochs": (["schedule.epochs=2"], 1),
+        "schedule.warmup_lr_init": (["schedule.epochs=2", "schedule.warmup_epochs=1"], 0.0005),
+        "schedule.warmup_iters": (["schedule.warmup_iters=0"], 2),
+        "schedule.warmup_factor": (["schedule.warmup_iters=2"], 0.5),
+        "schedule.per_iteration": (["schedule.name=poly", "schedule.power=1.0"], not per_iteration),
+        "schedule.lr_noise": (_STEP, [0, 2]),
+        "schedule.lr_noise_pct": ([*_STEP, "schedule.lr_noise=[0,2]"], 0.1),
+        "schedule.lr_noise_std": ([*_STEP, "schedule.lr_noise=[0,2]"], 0.1),
+        "schedule.lr_noise_seed": ([*_STEP, "schedule.lr_noise=[0,2]"], 7),
+        "run.resume": ([], None),
+        "run.print_freq": ([], 1),
+        "run.keep_checkpoints": (["schedule.epochs=2"], 1),
+        "run.global_batch": ([], 2 * batch_size),
+        "run.world_size": ([], 8),
+        "run.check_data": ([], True),
+        "train.accumulate": ([], 2),
+        "train.amp": ([], "bf16"),
+        "train.clip_grad_norm": ([], 0.01),
+        "expected.source": ([], "another source"),
+    }
