@@ -36,7 +36,7 @@ from engine.errors import UserError
 
 # What only repeats configuration values is not an effect: the log's summary of the derived values
 # (lr, batch sizes, ...) and the report's provenance table; a key seen only there would look alive.
-ECHO = re.compile(r"batch_per_process|^global batch \d+ = ")
+ECHO = re.compile(r"batch_per_process|global batch \d+ = ")
 ECHO_SECTION = "## Provenance"
 TIMING = re.compile(r"(eta \S+|img_s \S+|\S+ img/s|data-wait \S+|images_per_s\S*|\d+(\.\d+)? ?s\b)")
 

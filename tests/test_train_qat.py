@@ -340,6 +340,10 @@ def test_recipes_load_and_state_the_published_numbers():
     ptq = load_config(tq_script.Config, ROOT / "recipes/qat/mobilenet_v3_large_ptq.yaml")
     assert ptq.qat.mode == "ptq" and (ptq.expected.acc1, ptq.expected.acc5) == (71.160, 89.834)
     assert tq_script.derived(qat, world_size=8, n_train=1_281_167)["optimizer_steps_per_epoch"] == 5005
+    one = tq_script.derived(qat, world_size=1, n_train=1_281_167)  # one GPU: the published 256 images per step
+    assert (one["accumulate"], one["global_batch"], one["lr"], one["optimizer_steps_per_epoch"]) == (8, 256, 0.001, 5005)
+    two = tq_script.derived(qat, world_size=2, n_train=1_281_167)
+    assert (two["accumulate"], two["global_batch"], two["optimizer_steps_per_epoch"]) == (4, 256, 5005)
 
 
 def test_latency_bench_times_the_export_per_backend(reference_run, capsys):
