@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import traceback
 import types
 import typing
@@ -217,15 +218,20 @@ def _observe(job: tuple[str, str, list[str], str, str]) -> dict:
     if not any(a.startswith("run.output_dir=") for a in args):
         args = [*args, f"run.output_dir={out}"]
     stdout = io.StringIO()
+    run_dir = Path(out)
     try:
         cfg = load_config(module.Config, Path(recipe), args)
+        run_dir = Path(cfg.run.output_dir)
         with contextlib.redirect_stdout(stdout):
             module.main(cfg)
+        return fingerprint(run_dir, stdout.getvalue())
     except UserError as exc:  # a clear refusal of the changed value is an effect the user sees
         return {"refused": str(exc).replace(out_root, "<arms>")}
     except BaseException as exc:  # noqa: BLE001 - reported with the arm's overrides by the caller
         return {"failed": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"}
-    return fingerprint(Path(cfg.run.output_dir), stdout.getvalue())
+    finally:  # only the fingerprint is kept: a detection walk's checkpoints alone would fill ~12 GB
+        if run_dir.resolve().is_relative_to(Path(out_root).resolve()):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ the sections every script shares
