@@ -13,6 +13,7 @@ Used by tests/test_recipe_keys.py for every script.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -180,7 +181,7 @@ def dead_keys(script: str, recipe: Path, base: list[str], out_root: Path,
     not fit model.num_classes): the refusal is its observable effect.
 
     The arms are independent runs, so they run in `workers` spawned processes (default: up to 4, one
-    per core) of one thread each: the same thread count in every arm keeps CPU results bit-comparable,
+    per core; kept for the session's later walks) of one thread each: the same thread count in every arm keeps CPU results bit-comparable,
     and tiny runs scale better over processes than over threads.
     """
     cls = importlib.import_module(script).Config
@@ -195,16 +196,27 @@ def dead_keys(script: str, recipe: Path, base: list[str], out_root: Path,
         pairs[key] = (tuple(context), (*context, f"{key}={yaml_value(alt)}"))
     arms = list(dict.fromkeys(arm for pair in pairs.values() for arm in pair))
     jobs = [(script, str(recipe), [*base, *arm], str(out_root / f"arm{i}"), str(out_root)) for i, arm in enumerate(arms)]
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_one_thread) as pool:
-        observed = dict(zip(arms, pool.map(_observe, jobs)))
+    observed = dict(zip(arms, _pool(workers).map(_observe, jobs)))
     unchanged = {arm for arm, _ in pairs.values()}
     for arm, obs in observed.items():
         if "failed" in obs or (arm in unchanged and "refused" in obs):
             raise AssertionError(f"the run with {list(arm)} failed: {obs.get('failed') or obs['refused']}")
     dead = [key for key, (a, b) in pairs.items() if observed[a] == observed[b]]
     return dead, list(pairs)
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int | None) -> ProcessPoolExecutor:
+    """One pool of spawned workers per size for the whole test session: every walk after the first skips
+    the workers' start (importing torch and the scripts, seconds each)."""
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    if workers not in _POOLS:
+        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_one_thread)
+        atexit.register(_POOLS[workers].shutdown)
+    return _POOLS[workers]
 
 
 def _one_thread() -> None:

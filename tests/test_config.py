@@ -6,7 +6,7 @@ from typing import Literal, Optional
 import pytest
 
 from engine.config import ConfigError, RunConfig, dump_config, load_config, save_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +123,8 @@ def test_script_cli_exit_2_without_traceback(tmp_path):
 
 
 def test_print_config_shows_derived_values(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_classification.py"), "--recipe", str(ROOT / "recipes/large.yaml"),
-         "--print-config"], capture_output=True, text=True, cwd=tmp_path)
+    proc = run_in_process("train_classification.py", ["--recipe", ROOT / "recipes/large.yaml", "--print-config"],
+                          tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.064" in proc.stdout
     assert "global_batch: 1024" in proc.stdout  # 128 per process x 8 processes
@@ -133,8 +132,7 @@ def test_print_config_shows_derived_values(tmp_path):
 
 
 def test_print_config_counts_steps_when_data_is_present(toy_data, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_classification.py"), "--recipe", str(ROOT / "recipes/toy/classification.yaml"),
-         f"data.root={toy_data / 'imagenet'}", "--print-config"], capture_output=True, text=True, cwd=tmp_path)
+    proc = run_in_process("train_classification.py", ["--recipe", ROOT / "recipes/toy/classification.yaml",
+                                                      f"data.root={toy_data / 'imagenet'}", "--print-config"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "train_images: 400" in proc.stdout and "steps_per_epoch: 13" in proc.stdout

@@ -35,7 +35,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_process
 
 COMMAND_WORDS = ("python", "python3", "torchrun", "srun", "make")
 BEING_WRITTEN = ("train_detection.py", "train_segmentation.py", "train_qat.py")
@@ -215,15 +215,9 @@ def _argv(argv: list[str]):
 
 
 def _run_script(script: Path, args: list[str]) -> tuple[int | None, str, str]:
-    """Run a script in this process as `python script args`; (exit code or None, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code: int | None = None
-    with _argv([str(script), *args]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(str(script), run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
+    """Run a script in this process as `python script args`; (exit code, stdout, stderr)."""
+    proc = run_in_process(script, args, Path.cwd())
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _help(script: Path) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_process
 from tests.test_train_classification import _weights, fast, run_script
 
 
@@ -176,7 +176,8 @@ def test_exploding_but_finite_loss_stops_the_run(toy_data, tmp_path):
     ("train.accumulate=0", "train.accumulate: expected 'auto' or a count >= 1, got 0", 2),
 ])
 def test_bad_values_are_reported_before_anything_runs(toy_data, tmp_path, override, message, status):
-    proc = run_script(fast(toy_data / "imagenet", tmp_path / "run", override), tmp_path)
+    proc = run_in_process("train_classification.py", fast(toy_data / "imagenet", tmp_path / "run", override),
+                          tmp_path)
     assert proc.returncode == status and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -184,7 +185,7 @@ def test_bad_values_are_reported_before_anything_runs(toy_data, tmp_path, overri
 def test_output_directory_that_cannot_be_created(toy_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = run_script(fast(toy_data / "imagenet", blocker / "run"), tmp_path)
+    proc = run_in_process("train_classification.py", fast(toy_data / "imagenet", blocker / "run"), tmp_path)
     assert proc.returncode == 1 and f"run.output_dir: cannot create {blocker / 'run'}" in proc.stderr, proc.stderr
 
 
@@ -201,7 +202,8 @@ def test_check_data_lists_every_bad_image_and_16_bit_png_is_read(toy_data, tmp_p
     bad[1].write_bytes(bad[1].read_bytes()[:1000])
     wide = np.random.default_rng(0).integers(0, 65535, (48, 40), dtype=np.uint16)
     Image.fromarray(wide).save(root / "train/n00000001_square/sixteen_bit.png")
-    proc = run_script(["--check-data", *fast(root, tmp_path / "run", "schedule.epochs=1")], tmp_path)
+    proc = run_in_process("train_classification.py", ["--check-data", *fast(root, tmp_path / "run", "schedule.epochs=1")],
+                          tmp_path)
     assert proc.returncode == 1
     assert f"--check-data: 2 of {500 + 1} images cannot be used" in proc.stderr, proc.stderr
     assert f"{bad[0]}: not an image" in proc.stderr and f"{bad[1]}: unreadable or truncated JPEG" in proc.stderr

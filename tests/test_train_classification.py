@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from engine.config import load_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_process
 
 import train_classification as tc
 
@@ -125,7 +125,11 @@ def test_bad_data_is_a_clear_error(toy_data, tmp_path, damage, message):
         victim.write_bytes(victim.read_bytes()[:2000])
     elif damage == "garbage":
         victim.write_bytes(b"\x00" * 300)
-    proc = run_script(fast(root, tmp_path / "run", "data.workers=1", "schedule.epochs=1"), tmp_path)
+    args = fast(root, tmp_path / "run", "data.workers=1", "schedule.epochs=1")
+    if damage in ("truncated", "garbage"):  # found mid-epoch in a loader worker: the real process's exit path
+        proc = run_script(args, tmp_path)
+    else:  # refused before anything runs
+        proc = run_in_process("train_classification.py", args, tmp_path)
     assert proc.returncode == 1
     assert message.format(root=root) in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -194,9 +198,11 @@ def test_cuda_amp_channels_last_smoke(toy_data, tmp_path):
 
 def test_print_config_shows_the_published_global_batch_on_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID")}
-    proc = subprocess.run([sys.executable, str(ROOT / "train_classification.py"), "--recipe",
-                           str(ROOT / "recipes/large.yaml"), "--print-config"], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=120)
+    with pytest.MonkeyPatch.context() as mp:
+        for k in set(os.environ) - set(env):
+            mp.delenv(k)
+        proc = run_in_process("train_classification.py", ["--recipe", ROOT / "recipes/large.yaml", "--print-config"],
+                              tmp_path)
     assert proc.returncode == 0, proc.stderr
     derived = proc.stdout.split("# derived", 1)[1]
     for line in ("processes: 1", "batch_per_process: 128", "accumulate: 8", "global_batch: 1024",
