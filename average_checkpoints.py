@@ -48,25 +48,31 @@ def parse_rule(text: str) -> tuple[str, int]:
     return name, int(k)
 
 
+def improved(history: list[dict], metric: str, mode: str = "max") -> list[dict]:
+    """The epochs of `history` whose metric beat every earlier epoch's (ties do not count), in epoch order."""
+    rows = sorted((r for r in history if metric in r and "row" not in r), key=lambda r: r["epoch"])
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    out, best = [], None
+    for r in rows:
+        if best is None or better(r[metric], best):
+            out.append(r)
+            best = r[metric]
+    return out
+
+
 def select(history: list[dict], rule: str, k: int, metric: str, mode: str = "max") -> list[dict]:
     """Rows of `history` (each with "epoch" and `metric`) chosen by the rule, in epoch order."""
     rows = sorted((r for r in history if metric in r and "row" not in r),  # "row": a derived line, not an epoch
                   key=lambda r: r["epoch"])
     if not rows:
         raise SelectionError(f"no epoch in the run's history has the metric {metric!r}")
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     if rule == "last":
         chosen = rows[-k:]
     elif rule == "top":
         sign = 1 if mode == "max" else -1
         chosen = sorted(rows, key=lambda r: (sign * r[metric], r["epoch"]), reverse=True)[:k]
     else:  # last-improved
-        improved, best = [], None
-        for r in rows:
-            if best is None or better(r[metric], best):
-                improved.append(r)
-                best = r[metric]
-        chosen = improved[-k:]
+        chosen = improved(rows, metric, mode)[-k:]
     if len(chosen) < k:
         what = "improved" if rule == "last-improved" else "are recorded"
         raise SelectionError(f"{rule}:{k} needs {k} epochs but only {len(chosen)} {what} "
