@@ -1,6 +1,9 @@
+import math
+
 import torch
 
-from engine.metrics import topk_correct
+from engine.distributed import DistState
+from engine.metrics import evaluate_classifier, topk_correct
 
 
 def test_top1_and_top5_counts_from_hand_built_logits():
@@ -26,3 +29,23 @@ def test_k_larger_than_the_number_of_classes_counts_every_sample():
     target = torch.tensor([0, 0, 1, 2])  # ranks 3, 1, 2, 3
     assert topk_correct(logits, target, ks=(1, 5)).tolist() == [1.0, 4.0]
     assert topk_correct(logits, target, ks=(2, 3, 10)).tolist() == [2.0, 4.0, 4.0]
+
+
+def test_evaluation_loop_reports_acc1_acc5_and_loss_over_every_image():
+    """The loop every classification and QAT run reports from: 10 images in batches of 4, 4, 2 whose
+    logits are the inputs (an identity model), targets at known ranks. Oracles: the ranks, and the
+    cross-entropy written out as logsumexp(row) - row[target]."""
+    g = torch.Generator().manual_seed(0)
+    ranks = [1, 2, 5, 6, 1, 3, 8, 7, 1, 4]  # top-1 hits 3, top-5 hits 7 (of 10)
+    logits, target = [], []
+    for rank in ranks:
+        row = torch.randn(8, generator=g) * 3
+        order = row.argsort(descending=True)
+        logits.append(row)
+        target.append(int(order[rank - 1]))
+    logits, target = torch.stack(logits), torch.tensor(target)
+    loader = [(logits[:4], target[:4]), (logits[4:8], target[4:8]), (logits[8:], target[8:])]
+    out = evaluate_classifier(torch.nn.Identity(), loader, lambda x: x, torch.device("cpu"), DistState())
+    loss = sum(math.log(sum(math.exp(v) for v in row.tolist())) - row[t].item() for row, t in zip(logits, target))
+    assert out["acc1"] == 30.0 and out["acc5"] == 70.0 and out["val_images"] == 10
+    assert math.isclose(out["val_loss"], loss / 10, rel_tol=1e-6) and out["val_loss"] > 1.0
