@@ -29,7 +29,7 @@ import torch
 
 from engine import checkpoint
 from engine.report import write_run_report
-from engine.runlog import read_metrics
+from engine.runlog import improved, read_metrics
 
 RULES = ("last-improved", "top", "last")
 
@@ -46,18 +46,6 @@ def parse_rule(text: str) -> tuple[str, int]:
     if name not in RULES or not k.isdigit() or int(k) < 1:
         raise SelectionError(f"--select {text!r}: expected one of {', '.join(r + ':K' for r in RULES)} with K >= 1")
     return name, int(k)
-
-
-def improved(history: list[dict], metric: str, mode: str = "max") -> list[dict]:
-    """The epochs of `history` whose metric beat every earlier epoch's (ties do not count), in epoch order."""
-    rows = sorted((r for r in history if metric in r and "row" not in r), key=lambda r: r["epoch"])
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-    out, best = [], None
-    for r in rows:
-        if best is None or better(r[metric], best):
-            out.append(r)
-            best = r[metric]
-    return out
 
 
 def select(history: list[dict], rule: str, k: int, metric: str, mode: str = "max") -> list[dict]:

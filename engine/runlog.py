@@ -1,4 +1,5 @@
-"""The run directory's logs: env.json, metrics.jsonl, TensorBoard scalars, console progress.
+"""The run directory's logs: env.json, metrics.jsonl (written, and read back with its improving
+epochs), TensorBoard scalars, console progress.
 
 Only the main process writes; other ranks get a RunLog whose methods do nothing.
 """
@@ -110,6 +111,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def improved(history: list[dict], metric: str, mode: str = "max") -> list[dict]:
+    """The epochs of `history` whose metric beat every earlier epoch's (ties do not count), in epoch order."""
+    rows = sorted((r for r in history if metric in r and "row" not in r), key=lambda r: r["epoch"])
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    out, best = [], None
+    for r in rows:
+        if best is None or better(r[metric], best):
+            out.append(r)
+            best = r[metric]
+    return out
 
 
 class Progress:

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +23,6 @@ def toy_data(tmp_path_factory) -> Path:
 def toy_backbone(toy_data, tmp_path_factory) -> Path:
     """A classification checkpoint of MobileNetV3-Large (width 1.0, 10 classes) trained 2 epochs on
     the toy ImageNet at 64 px: the `model.backbone_weights` of the toy detection/segmentation runs."""
-    import subprocess
-
     out = tmp_path_factory.mktemp("toy_backbone")
     proc = subprocess.run([sys.executable, str(ROOT / "train_classification.py"), "--recipe",
                            str(ROOT / "recipes/toy/classification.yaml"), f"data.root={toy_data / 'imagenet'}",
@@ -34,7 +33,7 @@ def toy_backbone(toy_data, tmp_path_factory) -> Path:
     return out / "checkpoints" / "last.pt"
 
 
-def run_in_process(script: str | Path, args: list[str], cwd: Path) -> "subprocess.CompletedProcess[str]":
+def run_in_process(script: str | Path, args: list, cwd: Path) -> subprocess.CompletedProcess:
     """`python script args` in this process, for runs that end before training (a refusal, --print-config,
     --check-data): the same exit status, stdout and stderr as a subprocess, without its 3-5 s of imports.
     Everything a script may change in the process is put back: cwd, argv, environment, signal handlers,
@@ -43,14 +42,14 @@ def run_in_process(script: str | Path, args: list[str], cwd: Path) -> "subproces
     import io
     import runpy
     import signal
-    import subprocess
 
     import torch
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
     saved = (os.getcwd(), list(sys.argv), dict(os.environ), torch.get_num_threads(),
-             {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGCHLD)})
+             {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT,
+                                                signal.SIGCHLD)})
     try:
         os.chdir(cwd)
         sys.argv = [str(script), *map(str, args)]

@@ -181,8 +181,8 @@ def dead_keys(script: str, recipe: Path, base: list[str], out_root: Path,
     not fit model.num_classes): the refusal is its observable effect.
 
     The arms are independent runs, so they run in `workers` spawned processes (default: up to 4, one
-    per core; kept for the session's later walks) of one thread each: the same thread count in every arm keeps CPU results bit-comparable,
-    and tiny runs scale better over processes than over threads.
+    per core; kept for the session's later walks) of one thread each: the same thread count in every arm
+    keeps CPU results bit-comparable, and tiny runs scale better over processes than over threads.
     """
     cls = importlib.import_module(script).Config
     base_cfg = load_config(cls, recipe, base)

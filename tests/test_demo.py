@@ -13,8 +13,7 @@ def test_demo_trains_averages_and_prints_the_table(toy_data, tmp_path):
            "schedule.epochs=4", "optimizer.lr=0.01"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from average_checkpoints import improved
-    from engine.runlog import read_metrics
+    from engine.runlog import improved, read_metrics
 
     epochs = improved(read_metrics(out), "acc1")
     k = min(3, len(epochs))  # the recipe's 3, or every improved epoch of this short run if fewer

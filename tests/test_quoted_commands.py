@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
-import io
 import json
 import re
-import runpy
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,26 +200,10 @@ def _is_synopsis(text: str, args: list[str]) -> bool:
     return "..." in text or any(a.startswith(("[", "<")) or "|" in a or _PLACEHOLDER.match(a) for a in args)
 
 
-@contextlib.contextmanager
-def _argv(argv: list[str]):
-    old = sys.argv
-    sys.argv = argv
-    try:
-        yield
-    finally:
-        sys.argv = old
-
-
-def _run_script(script: Path, args: list[str]) -> tuple[int | None, str, str]:
-    """Run a script in this process as `python script args`; (exit code, stdout, stderr)."""
-    proc = run_in_process(script, args, Path.cwd())
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def _help(script: Path) -> str:
-    code, out, err = _run_script(script, ["--help"])
-    assert code == 0, f"{script.name} --help: exit {code}\n{err}"
-    return out
+    proc = run_in_process(script, ["--help"], Path.cwd())
+    assert proc.returncode == 0, f"{script.name} --help: exit {proc.returncode}\n{proc.stderr}"
+    return proc.stdout
 
 
 def _fake_run(run_dir: Path, metric: str = "acc1", epochs: int = 5) -> None:
@@ -269,13 +249,12 @@ def _check_argparse(script: Path, args: list[str], monkeypatch) -> None:
         raise _Parsed(original(self, *a, **k))
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    with _argv([str(script), *args]), contextlib.redirect_stderr(io.StringIO()) as err:
-        try:
-            runpy.run_path(str(script), run_name="__main__")
-        except _Parsed:
-            return
-        except SystemExit as exc:
-            pytest.fail(f"{script.name} {' '.join(args)}: the parser refused it (exit {exc.code}): {err.getvalue()}")
+    try:
+        proc = run_in_process(script, args, Path.cwd())
+    except _Parsed:
+        return
+    if proc.returncode != 0:
+        pytest.fail(f"{script.name} {' '.join(args)}: the parser refused it (exit {proc.returncode}): {proc.stderr}")
     pytest.fail(f"{script.name} {' '.join(args)}: the script ran without parsing arguments")
 
 
@@ -334,8 +313,8 @@ def check_command(q: Quoted, tokens: list[str], tmp_path: Path, monkeypatch) -> 
                 assert flag in help_text, f"{script.name}: {flag} is not one of its options"
         return
     if script.name.startswith("train_"):
-        monkeypatch.chdir(ROOT)
-        code, _, err = _run_script(script, [*args, "--print-config"])
+        proc = run_in_process(script, [*args, "--print-config"], ROOT)
+        code, err = proc.returncode, proc.stderr
         if q.shown_output:  # an example of an error: it must fail, with the output shown
             assert code == 2, f"expected exit status 2, got {code}"
             for shown in q.shown_output:

@@ -25,8 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from average_checkpoints import improved  # noqa: E402
-from engine.runlog import read_metrics  # noqa: E402
+from engine.runlog import improved, read_metrics  # noqa: E402
 
 PUBLISHED = [  # (row, Acc@1, Acc@5): published-results.md
     ("MobileNetV3-Large, tuning row 4 (+ augmentation & tuned hyperparameters)", 73.86, 91.292),

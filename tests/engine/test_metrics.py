@@ -46,6 +46,7 @@ def test_evaluation_loop_reports_acc1_acc5_and_loss_over_every_image():
     logits, target = torch.stack(logits), torch.tensor(target)
     loader = [(logits[:4], target[:4]), (logits[4:8], target[4:8]), (logits[8:], target[8:])]
     out = evaluate_classifier(torch.nn.Identity(), loader, lambda x: x, torch.device("cpu"), DistState())
-    loss = sum(math.log(sum(math.exp(v) for v in row.tolist())) - row[t].item() for row, t in zip(logits, target))
+    loss = sum(math.log(sum(math.exp(v) for v in row.tolist())) - row[t].item()
+               for row, t in zip(logits, target))
     assert out["acc1"] == 30.0 and out["acc5"] == 70.0 and out["val_images"] == 10
     assert math.isclose(out["val_loss"], loss / 10, rel_tol=1e-6) and out["val_loss"] > 1.0
