@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint
+from engine.config import ConfigError, load_config_dict
+from engine.errors import UserError
 from engine.report import write_run_report
 from engine.runlog import improved, read_metrics
 
@@ -148,11 +150,28 @@ def export_state_dict(state: dict[str, torch.Tensor], out: Path) -> Path:
 # ============================================================================ evaluation
 
 
-def evaluate_in_run(run_dir: Path, weights: Path) -> dict:
-    """Evaluate `weights` with the run's resolved recipe through train_classification.py's eval-only mode."""
+def check_eval(run_dir: Path, out: Path) -> None:
+    """--eval runs train_classification.py on the run's resolved recipe: refuse (before any averaging) a
+    run without one, or a run of another script, saying how to evaluate the average instead."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{config}: --eval needs the run's resolved recipe")
+    try:
+        raw = load_config_dict(config)
+    except ConfigError as exc:
+        raise SelectionError(f"--eval: {exc}") from None
+    name = str((raw.get("model") or {}).get("name", ""))
+    script = ("train_qat.py" if "qat" in raw else "train_detection.py" if name.startswith("fasterrcnn")
+              else "train_classification.py" if name.startswith("mobilenet_v3") else "train_segmentation.py")
+    if script != "train_classification.py":
+        raise SelectionError(
+            f"--eval evaluates classification runs; {run_dir} is a run of {script}. Average without --eval, then "
+            f"evaluate: python {script} --recipe {config} run.eval_only=true model.weights={out}")
+
+
+def evaluate_in_run(run_dir: Path, weights: Path) -> dict:
+    """Evaluate `weights` with the run's resolved recipe through train_classification.py's eval-only mode."""
+    config = run_dir / "config.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(Path(__file__).with_name("train_classification.py")), "--recipe", str(config),
                "run.eval_only=true", f"model.weights={weights}", f"run.output_dir={tmp}", "run.resume=null"]
@@ -167,8 +186,14 @@ def evaluate_in_run(run_dir: Path, weights: Path) -> dict:
 
 
 def _check_out(out: Path, inputs: list[Path]) -> None:
-    """--out must not overwrite an input or any training checkpoint (epoch_NNN.pt, last.pt of a run)."""
+    """--out must not overwrite an input or any training checkpoint (epoch_NNN.pt, last.pt of a run), and
+    must be writable where it is (checked before the averaging work)."""
     target = out.resolve()
+    blocker = next((p for p in target.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise SelectionError(f"--out {out}: {blocker} is a file, not a directory; choose another path")
+    if out.is_dir():
+        raise SelectionError(f"--out {out} is a directory; give a file name (e.g. {out / 'averaged.pt'})")
     for p in inputs:
         if Path(p).resolve() == target or (out.exists() and Path(p).exists() and out.samefile(p)):
             raise SelectionError(f"--out {out} is one of the checkpoints being averaged; choose another path "
@@ -197,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--run needs --select")
     if args.eval and args.run is None:
         ap.error("--eval needs --run (it uses the run's recipe)")
+    if args.eval:
+        check_eval(args.run, args.out)
     key = "model_ema" if args.weights == "ema" else "model"
 
     if args.run is not None:
@@ -251,6 +278,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (SelectionError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (SelectionError, ValueError, FileNotFoundError, RuntimeError, UserError) as exc:
         print(f"average_checkpoints.py: error: {exc}", file=sys.stderr)
         sys.exit(1)

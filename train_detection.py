@@ -31,7 +31,8 @@ from engine import checkpoint, distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
 from engine.errors import DataError
-from engine.loop import AMP_DTYPES, Accumulate, Loop, launch, launch_world_size, plan_batch, set_backends
+from engine.loop import (AMP_DTYPES, Accumulate, Loop, check_steps, launch, launch_world_size, plan_batch,
+                         set_backends)
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, load_weights
 
@@ -151,6 +152,7 @@ def main(cfg: Config) -> dict:
     # ---------------------------------------------------------------- optimizer, schedule, loop
     plan = plan_batch(cfg.run, cfg.data.batch_size, cfg.train.accumulate, cfg.optimizer.lr_scaling,
                       dist.world_size)
+    check_steps(train_loader.batch_sampler, len(train_set), plan)  # an epoch without a step: exit 2
     optimizer, schedule = build_optimizer_and_schedule(cfg, model, plan)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
     train_model = model

@@ -33,7 +33,7 @@ from engine import checkpoint, distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
 from engine.errors import UserError
-from engine.loop import Accumulate, Loop, launch, launch_world_size, plan_batch, set_backends
+from engine.loop import Accumulate, Loop, check_steps, launch, launch_world_size, plan_batch, set_backends
 from engine.metrics import evaluate_classifier
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, quantize
@@ -167,6 +167,7 @@ def main(cfg: Config) -> dict:
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     plan = plan_batch(cfg.run, cfg.data.batch_size, cfg.train.accumulate, cfg.optimizer.lr_scaling,
                       dist.world_size)
+    check_steps(train_loader.batch_sampler, len(train_set), plan)  # an epoch without a step: exit 2
     groups = param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.norm_weight_decay)
     optimizer = build_optimizer(cfg.optimizer, groups, lr_scale=plan.lr_scale)
     schedule = EpochSchedule(cfg.schedule, optimizer, lr_scale=plan.lr_scale)

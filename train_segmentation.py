@@ -27,13 +27,12 @@ from data.classification import BatchTransform, EpochSampler, make_loader
 from data.segmentation import (IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, CocoVoc, EvalTransform,
                                SegmentationDataConfig, SizeGroupedBatches, TrainTransform, cached_image_count,
                                overlay)
-from engine import distributed, preemption, rundir, seeding
+from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.confusion import confusion_matrix, segmentation_scores
 from engine.datacheck import check_images
-from engine.errors import DataError
-from engine.loop import (AMP_DTYPES, Accumulate, EpochBatches, Loop, launch, launch_world_size, plan_batch,
-                         set_backends)
+from engine.loop import (AMP_DTYPES, Accumulate, EpochBatches, Loop, check_steps, launch, launch_world_size,
+                         plan_batch, set_backends)
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, load_weights
 
@@ -148,6 +147,7 @@ def main(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- optimizer, schedule, loop
     plan = plan_batch(cfg.run, cfg.data.batch_size, cfg.train.accumulate, cfg.optimizer.lr_scaling, dist.world_size)
+    check_steps(train_loader.batch_sampler, len(train_set), plan)  # an epoch without a step: exit 2
     train_model = model
     if dist.distributed:
         if cfg.train.sync_bn and device.type == "cuda":  # in place: same parameters, same state-dict keys
@@ -188,16 +188,11 @@ def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
     val_set = CocoVoc(d.root, "val", EvalTransform(d.eval_size), cfg.run.seed, d.cache_dir())
     val_batches = SizeGroupedBatches(val_set.sizes(), d.eval_size, d.eval_batch_size, dist.rank, dist.world_size)
     val_loader = make_loader(val_set, val_batches, d.workers, pin)
-    val_loader.worker_init_fn = preemption.ignore_in_worker  # the main process handles SIGTERM/SIGUSR1
     train_set = train_loader = None
     if train:
         train_set = CocoVoc(d.root, "train", TrainTransform(d.crop_size, d.short_side, d.hflip), cfg.run.seed,
                             d.cache_dir())
         sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, cfg.run.seed, True)
-        if len(sampler) < d.batch_size:
-            raise DataError(f"{train_set.ann_file}: {len(train_set)} training images over {dist.world_size} "
-                            f"processes leave {len(sampler)} per process, fewer than data.batch_size {d.batch_size} "
-                            "(the last short batch of an epoch is dropped, as in the reference)")
         # drop_last, as the reference's training loader: every optimizer step sees a full batch
         train_loader = make_loader(train_set, EpochBatches(batch_sampler=BatchSampler(sampler, d.batch_size, True)),
                                    d.workers, pin)

@@ -30,6 +30,7 @@ from torchvision import transforms as V1
 from torchvision.transforms import v2 as T
 
 from engine.errors import DataError  # noqa: F401  (re-exported: the scripts' data errors)
+from engine.preemption import data_loader
 from engine.seeding import sample_seed
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -277,8 +278,8 @@ def make_loader(dataset: ImageFolder, batches: Sampler, workers: int, pin_memory
     # The loader draws its workers' base seed from `generator` each time an iterator starts; with the
     # global RNG that draw would happen at a different point in a resumed run and shift every later
     # dropout / stochastic-depth draw. Augmentation is seeded per sample, so this seed is unused.
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+    return data_loader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
 
 def build_loaders(cfg: ClassificationDataConfig, num_classes: int, seed: int, dist, train: bool = True):

@@ -32,13 +32,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from data.classification import decode
 from engine.errors import DataError
 from engine.loop import EpochBatches
+from engine.preemption import data_loader
 from engine.seeding import sample_seed
 
 SPLITS = ("train", "val")
@@ -400,13 +401,13 @@ def make_train_loader(dataset: CocoDetection, batch_size: int, group_factor: int
     """Aspect-ratio grouped, resumable (engine.loop.EpochBatches) batches of uint8 images."""
     groups = aspect_ratio_groups(dataset.aspect_ratios(), group_factor) if group_factor >= 0 else None
     sampler = GroupedBatchSampler(groups, len(dataset), batch_size, rank, world_size, seed)
-    return DataLoader(dataset, batch_sampler=EpochBatches(batch_sampler=sampler), collate_fn=collate,
-                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                      generator=_generator())
+    return data_loader(dataset, batch_sampler=EpochBatches(batch_sampler=sampler), collate_fn=collate,
+                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                       generator=_generator())
 
 
 def make_eval_loader(dataset: CocoDetection, rank: int, world_size: int, workers: int, pin_memory: bool):
     """Batch 1 (as the published numbers were measured), each image on exactly one rank."""
-    return DataLoader(dataset, batch_size=1, sampler=EvalShard(len(dataset), rank, world_size),
-                      collate_fn=collate, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, generator=_generator())
+    return data_loader(dataset, batch_size=1, sampler=EvalShard(len(dataset), rank, world_size),
+                       collate_fn=collate, num_workers=workers, pin_memory=pin_memory,
+                       persistent_workers=workers > 0, generator=_generator())

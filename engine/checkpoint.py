@@ -7,6 +7,7 @@ Layout of a project checkpoint (FORMAT_VERSION 1):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -15,22 +16,57 @@ from typing import Any
 
 import torch
 
+from engine.errors import UserError
+
 FORMAT = "mbv3-recipes"
 FORMAT_VERSION = 1
 
 
+class NoSpace(UserError):
+    """The disk (or quota) filled up while a file was written; the temporary file is removed."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"no space left on device while writing {path}")
+        self.path = path
+
+
 def _atomic_replace(path: Path, write) -> None:
+    """Write through a temp file + fsync + rename. The file gets the mode a plain open() would give
+    (0666 & ~umask; mkstemp's is 0600, which would hide a run from the rest of a team)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _no_space(exc):  # torch.save reports it as a RuntimeError with the OSError chained
+            raise NoSpace(path) from None
         raise
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads' file creation)
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

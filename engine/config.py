@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -27,6 +28,9 @@ from engine.checkpoint import atomic_write_text
 
 COMMAND_LINE = "command line"
 _NONE_WORDS = ("None", "none", "null", "Null", "~")
+# A decimal number as YAML 1.2 and Python write it. PyYAML (YAML 1.1) reads "2e-3" as a string (it wants
+# "2.0e-3"); a float field takes such a string, in a recipe and on the command line alike.
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 class ConfigError(Exception):
@@ -126,6 +130,8 @@ class _Converter:
         elif tp is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str) and _NUMBER.fullmatch(value):
+                return float(value)
         elif tp is str:
             if isinstance(value, str):
                 return str(value)
@@ -139,16 +145,9 @@ class _Converter:
         if text in _NONE_WORDS:
             return None
         try:
-            value = yaml.safe_load(text)
+            return yaml.load(text, Loader=_Loader)
         except yaml.YAMLError:
             return text
-        # YAML reads "1e-4" as a string (it wants "1.0e-4"); the field's type decides.
-        if isinstance(value, str) and _accepts_float(tp):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        return value
 
     def build(self, cls: type, raw: Any, prefix: str) -> Any:
         if not isinstance(raw, dict):
@@ -186,24 +185,46 @@ class _Converter:
         return obj
 
 
-def _accepts_float(tp: Any) -> bool:
-    if tp is float:
-        return True
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return any(_accepts_float(a) for a in typing.get_args(tp))
-    return False
-
-
 # --------------------------------------------------------------------------- loading
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _DuplicateKey(f"line {line}: key {key!r} is given twice (first on line {seen[key]}); "
+                                        "a recipe names each key once")
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: recipe file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory; expected a recipe file (YAML)"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not a text file (byte {exc.start} is not UTF-8); expected a recipe "
+                           "file (YAML)"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the recipe ({exc.strerror or exc})"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     if raw is None:
@@ -358,10 +379,14 @@ def cli(cls: type, argv: list[str] | None = None, derived: Callable[[Any], dict]
     except ConfigError as exc:
         _die(prog, exc.problems, usage)
     if print_config:
+        try:
+            facts = derived(cfg) if derived is not None else None
+        except ConfigError as exc:  # e.g. a global batch that processes x batch cannot meet, as main() says
+            _die(prog, exc.problems, usage)
         print(dump_config(cfg), end="")
-        if derived is not None:
+        if facts is not None:
             print("# derived")
-            print(yaml.safe_dump({"derived": derived(cfg)}, sort_keys=False), end="")
+            print(yaml.safe_dump({"derived": facts}, sort_keys=False), end="")
         sys.exit(0)
     return cfg
 

@@ -12,7 +12,8 @@ otherwise be copied into four scripts:
 - exact resume: checkpoints carry model, optimizer, EMA, scaler, every rank's RNG state, the
   position (epoch, optimizer step) and the epoch's running sums; the loader skips what was done;
 - preemption (engine.preemption): a signal stops all ranks at the same optimizer-step boundary
-  with a mid-epoch checkpoint, and the run exits with 128 + the signal number;
+  with a mid-epoch checkpoint, or, when it arrives during evaluation, right after the epoch's
+  checkpoint; the run exits with 128 + the signal number;
 - the divergence guard: a non-finite loss, or one above `run.divergence_factor` x the run's
   starting loss (its first optimizer step's, averaged over ranks), stops the run naming epoch and
   step; the last good checkpoint is kept;
@@ -128,6 +129,16 @@ def plan_batch(run: RunConfig, batch_size: int, accumulate: Accumulate, lr_scali
                        f"it would be met exactly {'; '.join(hint)}"])
 
 
+def check_steps(batches: EpochBatches, n_images: int, plan: BatchPlan) -> None:
+    """An epoch of `batches` (the training loader's batch sampler) must take at least one optimizer step:
+    a ConfigError (exit 2, before the run writes anything) naming the images, batch and processes."""
+    if batches.total() == 0:
+        raise ConfigError([f"data.batch_size={plan.batch_size}: {n_images} usable training images over "
+                           f"{plan.world_size} process{'es' if plan.world_size != 1 else ''} give no batch per "
+                           "process (an incomplete batch is dropped), so an epoch would take no optimizer step; "
+                           "lower data.batch_size, use fewer processes or add training images"])
+
+
 def _few(values: list[int]) -> str:
     return ", ".join(map(str, values if len(values) <= 12 else values[:6] + ["..."] + values[-3:]))
 
@@ -186,6 +197,7 @@ class Loop:
         self.start_epoch, self.start_micro = 0, 0
         self.global_step = 0                       # optimizer steps since the run began
         self.loss_reference: float | None = None   # the divergence guard's reference: the first step's loss
+        self._resumed_images: int | None = None   # training images when the mid-epoch checkpoint was written
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._preempt = preemption.Preemption(dist.distributed)
         self._check_every = 1 if self.device.type == "cpu" else cfg.run.print_freq  # .item() syncs a GPU
@@ -216,6 +228,7 @@ class Loop:
         if self.start_micro:
             self._epoch_sums = {k: v.to(self.device) for k, v in state["epoch_sums"].items()}
             self._resumed_lr = state["epoch_lr"]
+            self._resumed_images = state.get("train_images")
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             seeding.set_rng_state(rngs[self.dist.rank])
@@ -225,6 +238,8 @@ class Loop:
                           "stochastic-depth draws do not")
             seeding.seed_everything(self.cfg.run.seed + 1000 * self.start_epoch + self.dist.rank)
         self.log.truncate_after(self.start_epoch - 1)
+        if not self.start_micro and state.get("row"):
+            self.log.ensure_row(state["row"])
         where = f"epoch {self.start_epoch}" + (f", micro-batch {self.start_micro}" if self.start_micro else "")
         self.log.info(f"resumed from {self.run.resume_path} (epoch {state['epoch']} done); continuing at {where}")
         if self.run.changes and self.dist.is_main:
@@ -242,9 +257,15 @@ class Loop:
         sampler = loader.batch_sampler
         if not isinstance(sampler, EpochBatches):
             raise TypeError("build the training DataLoader with batch_sampler=engine.loop.EpochBatches(...)")
-        if loader.num_workers > 0 and loader.worker_init_fn is None:
-            loader.worker_init_fn = preemption.ignore_in_worker  # read when the workers start
+        if not preemption.covers(loader):
+            raise TypeError("build every DataLoader with engine.preemption.data_loader (the workers' signals)")
         skip = self.start_micro if epoch == self.start_epoch else 0
+        self._train_images = len(loader.dataset)
+        if skip and self._resumed_images not in (None, self._train_images):
+            raise UserError(f"{self.run.resume_path} stopped in the middle of epoch {epoch} with "
+                            f"{self._resumed_images} training images, but the dataset now has {self._train_images}: "
+                            "the epoch cannot continue where it stopped. Restore the dataset, or resume from the "
+                            f"last epoch checkpoint (run.resume={self.run.ckpt_dir}/epoch_NNN.pt)")
         sampler.set_epoch(epoch, skip)
         self._begin_epoch(epoch, sampler.total(), skip)
         tick = time.perf_counter()
@@ -389,18 +410,35 @@ class Loop:
                "data_wait": self._wait / max(elapsed, 1e-9), "optimizer_steps": self.step}
         out.update({k[4:]: v / micro for k, v in totals.items() if k.startswith("log:")})
         self._epoch_sums = {}
+        self.log.info(f"epoch {self.epoch}: {self.step} optimizer steps done; evaluating")
         return out
 
     def end_epoch(self, epoch: int, metrics: dict[str, Any], stats: dict[str, Any]) -> None:
-        """Record the epoch (metrics.jsonl, TensorBoard) and write its checkpoint."""
+        """Write the epoch's checkpoint, then record the epoch (metrics.jsonl, TensorBoard): a row never
+        exists without its checkpoint (the checkpoint carries the row, and a resume writes a missing
+        one). A signal received during the evaluation stops the run here, with nothing lost."""
         self.history.append({"epoch": epoch, **metrics})
         row = {"epoch": epoch, **metrics, **stats}
+        self._save(epoch, {"epoch": epoch + 1, "micro": 0}, metrics, row)
+        self.start_micro = 0
         self.log.metrics(row)
         self.log.scalars(epoch, {k: v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))})
-        self._save(epoch, {"epoch": epoch + 1, "micro": 0}, metrics)
-        self.start_micro = 0
+        signum = self._preempt.agreed()
+        if signum:
+            self._stop(signum, evaluated=True)
 
-    def _save(self, done_epoch: int, position: dict, metrics: dict | None) -> Path | None:
+    def _save(self, done_epoch: int, position: dict, metrics: dict | None,
+              row: dict | None = None) -> Path | None:
+        """The checkpoint (main process); a full disk is one message saying the previous one is intact."""
+        try:
+            return self._write_checkpoint(done_epoch, position, metrics, row)
+        except checkpoint.NoSpace as exc:
+            last = self.run.ckpt_dir / "last.pt"
+            kept = f"the previous checkpoint {last} is intact" if last.exists() else "no checkpoint was written yet"
+            raise UserError(f"{exc}; {kept}") from None
+
+    def _write_checkpoint(self, done_epoch: int, position: dict, metrics: dict | None,
+                          row: dict | None) -> Path | None:
         rngs = distributed.all_gather_object(seeding.rng_state(), self.dist)
         if not self.dist.is_main:
             return None
@@ -418,23 +456,30 @@ class Loop:
         if position["micro"]:  # mid-epoch: last.pt only; the epoch files stay what averaging expects
             state["epoch_sums"] = {k: v.cpu() for k, v in self._epoch_sums.items()}
             state["epoch_lr"] = self.epoch_lr
+            state["train_images"] = self._train_images
             checkpoint.save(state, ckpt_dir / "last.pt")
             return ckpt_dir / "last.pt"
+        state["row"] = row  # its metrics.jsonl row, for a resume that finds the row missing
         path = ckpt_dir / f"epoch_{done_epoch:03d}.pt"
         checkpoint.save(state, path)
         checkpoint.link_or_save(path, ckpt_dir / "last.pt", state)
         checkpoint.prune(ckpt_dir, self.cfg.run.keep_checkpoints)
         return path
 
-    def _stop(self, signum: int) -> None:
+    def _stop(self, signum: int, evaluated: bool = False) -> None:
+        """Stop for a signal: mid-epoch, with a checkpoint of the position; after an epoch's evaluation
+        (`evaluated`), its checkpoint is already written."""
         import signal as _signal
 
         name = _signal.Signals(signum).name
-        self._save(self.epoch - 1, {"epoch": self.epoch, "micro": self.micro}, None)
+        if evaluated:
+            where = f"during epoch {self.epoch}'s evaluation: its checkpoint"
+        else:
+            self._save(self.epoch - 1, {"epoch": self.epoch, "micro": self.micro}, None)
+            where = f"at epoch {self.epoch}, optimizer step {self.step}/{self.steps_per_epoch}:"
         note = preemption.requeue_if_slurm(signum) if self.dist.is_main else None
-        msg = (f"stopped by {name} at epoch {self.epoch}, optimizer step {self.step}/{self.steps_per_epoch}: "
-               f"{self.run.ckpt_dir / 'last.pt'} written; the same command resumes exactly"
-               + (f" ({note})" if note else ""))
+        msg = (f"stopped by {name} {where} {self.run.ckpt_dir / 'last.pt'} written; the same command resumes "
+               "exactly" + (f" ({note})" if note else ""))
         self.log.info(msg)
         self.log.close()
         raise Preempted(signum, msg)
@@ -447,6 +492,7 @@ class Loop:
             from engine.rundir import write_report
 
             write_report(self.run.out_dir, self.log)
+        self.run.release()
 
 
 def _progress(epoch: int, total: int, every: int, enabled: bool):

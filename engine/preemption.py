@@ -1,11 +1,13 @@
 """Preemption: SIGTERM, SIGUSR1 (SLURM's `--signal=USR1@120`) and SIGINT stop a run at the next
-optimizer-step boundary, after every process has agreed on it, with a mid-epoch checkpoint.
+optimizer-step boundary, after every process has agreed on it, with a mid-epoch checkpoint; a
+signal that arrives while the model is evaluated stops the run right after that epoch's checkpoint.
 
 Handlers only record the signal; `Preemption.agreed()` is called by the training loop once per
 optimizer step and returns the same answer on every rank (a MAX all-reduce of the signal number
 over a gloo group, so an NCCL run pays no GPU synchronisation for it). Loader workers ignore the
-signals (`ignore_in_worker`): SLURM signals every process of a step, and a worker that died on
-SIGTERM would end the epoch with a DataLoader error before the checkpoint could be written.
+signals: SLURM signals every process of a step, and a worker that died on SIGTERM would end the
+epoch (or its evaluation) with a DataLoader error before the checkpoint could be written. Every
+DataLoader of the project is built by `data_loader`, which gives its workers that policy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 
 import torch
 import torch.distributed as tdist
+from torch.utils.data import DataLoader
 
 SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None)
 
@@ -26,6 +29,19 @@ SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), si
 def ignore_in_worker(worker_id: int) -> None:
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def data_loader(dataset, **kwargs) -> DataLoader:
+    """torch's DataLoader whose workers ignore the preemption signals (the main process handles them).
+    The one way the engine, data/ and the scripts build a loader, training and evaluation alike."""
+    if kwargs.get("worker_init_fn") is not None:
+        raise TypeError("data_loader sets worker_init_fn itself (the workers' signal policy)")
+    return DataLoader(dataset, worker_init_fn=ignore_in_worker, **kwargs)
+
+
+def covers(loader: DataLoader) -> bool:
+    """Whether `loader` was built by data_loader (or has no workers to protect)."""
+    return loader.num_workers == 0 or loader.worker_init_fn is ignore_in_worker
 
 
 def _kill_children_at_exit() -> None:
@@ -56,7 +72,8 @@ class Preemption:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.signum = signum
-        print(f"received {signal.Signals(signum).name}: stopping at the next optimizer step with a checkpoint",
+        print(f"received {signal.Signals(signum).name}: stopping at the next optimizer step (or after the "
+              "evaluation under way) with a checkpoint",
               file=sys.stderr, flush=True)
 
     def agreed(self) -> int:

@@ -3,9 +3,13 @@
 `open_run(cfg, dist)` is the first thing a training script does after setting up processes. It
 only reads, and refuses, before anything is written:
 - a directory that cannot be created or written is an error naming it;
+- a directory another run is using is refused, naming that run's host and pid: the main process
+  holds an exclusive lock (flock) on `run.lock` for the run's lifetime. The OS releases it when the
+  process ends, however it ends, so a requeued job never meets a stale lock; the other ranks learn
+  rank 0's answer from a collective, so a refusal stops every rank;
 - temporary files of an interrupted save are removed;
 - a directory that already holds a run (checkpoints, or metrics) is refused unless
-  `run.resume=auto` (or a path) continues it;
+  `run.resume=auto` (or a path) continues it; an eval-only run into it writes to its `eval/`;
 - the checkpoint to resume is `checkpoints/last.pt`, or, when it is missing or cannot be read
   (a truncated file: `last.pt` is a hard link to its epoch file), the newest epoch file that can,
   with a warning;
@@ -17,12 +21,14 @@ only reads, and refuses, before anything is written:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
-from engine import checkpoint, runlog
+from engine import checkpoint, distributed, runlog
 from engine.config import load_config_dict, save_config, to_dict
 from engine.distributed import DistState
 from engine.errors import RunDirError
@@ -37,10 +43,15 @@ OPERATIONAL = frozenset({
 OPERATIONAL_SECTIONS = ("expected.",)  # the published numbers a run is compared with
 
 
+LOCK_FILE = "run.lock"
+EVAL_SUBDIR = "eval"  # where an eval-only run into a training run's directory writes
+
+
 class Run:
     def __init__(self, cfg: Any, dist: DistState, out_dir: Path, log: runlog.RunLog, state: dict | None,
-                 resume_path: Path | None, changes: dict[str, tuple[Any, Any]], notes: list[str]):
+                 resume_path: Path | None, changes: dict[str, tuple[Any, Any]], notes: list[str], lock=None):
         self.cfg, self.dist, self.out_dir, self.log = cfg, dist, out_dir, log
+        self.lock = lock  # the open run.lock (main process): the lock lasts as long as this file object
         self.state, self.resume_path, self.changes = state, resume_path, changes
         for note in notes:
             log.info(note)
@@ -69,6 +80,13 @@ class Run:
         write_report(self.out_dir, self.log)
 
 
+    def release(self) -> None:
+        """Give up the run directory (at the end of a run; a process that dies releases it anyway)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+
 def write_report(out_dir: Path, log: runlog.RunLog) -> None:
     from engine.report import write_run_report
 
@@ -78,7 +96,54 @@ def write_report(out_dir: Path, log: runlog.RunLog) -> None:
 
 def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset()) -> Run:
     out_dir = Path(cfg.run.output_dir)
+    note = None
+    if cfg.run.eval_only and _holds_training(out_dir):
+        # An evaluation beside a training run (e.g. of one of its checkpoints) must not replace the run's
+        # report.md: its eval.json and report.md go to EVAL_SUBDIR, where the user is told to look.
+        note = f"{out_dir} holds a training run: this evaluation is written to {out_dir / EVAL_SUBDIR}"
+        out_dir = out_dir / EVAL_SUBDIR
     _make_dir(out_dir)
+    lock = _lock(out_dir, dist)
+    try:
+        run = _open(cfg, dist, out_dir, operational)
+        if note:
+            run.log.info(note)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    run.lock = lock
+    return run
+
+
+def _lock(out_dir: Path, dist: DistState):
+    """The main process's exclusive lock on the run directory (the open file), or RunDirError on every
+    rank when another process holds it."""
+    fh, problem = None, None
+    if dist.is_main:
+        path = out_dir / LOCK_FILE
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            fh = None
+            problem = (f"{out_dir} is in use by another run ({holder}; {path} is locked); wait for it to end "
+                       "or give this run another run.output_dir")
+        else:
+            fh.truncate(0)
+            fh.write(f"host {platform.node()}, pid {os.getpid()}\n")
+            fh.flush()
+    if dist.distributed:
+        problem = distributed.all_gather_object(problem, dist)[0]
+    if problem:
+        raise RunDirError(problem)
+    return fh
+
+
+def _open(cfg: Any, dist: DistState, out_dir: Path, operational: frozenset[str]) -> Run:
     ckpt_dir = out_dir / "checkpoints"
     log = runlog.RunLog(out_dir, dist.is_main)
     if dist.is_main:
@@ -86,7 +151,7 @@ def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset(
     notes: list[str] = []
     epoch_files = sorted(ckpt_dir.glob("epoch_*.pt"))
     last = ckpt_dir / "last.pt"
-    has_run = bool(epoch_files) or last.exists() or (out_dir / "metrics.jsonl").exists()
+    has_run = _holds_training(out_dir)
     resume = cfg.run.resume
     if cfg.run.eval_only:  # writes eval.json and report.md only: never mixes with a training run's files
         return Run(cfg, dist, out_dir, log, None, None, {}, notes)
@@ -124,6 +189,12 @@ def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset(
                 f"Nothing was written. To continue this run with these changes, add run.allow_changes=true; "
                 f"to start a new run, choose another run.output_dir.")
     return Run(cfg, dist, out_dir, log, state, path, changes, notes)
+
+
+def _holds_training(out_dir: Path) -> bool:
+    ckpt_dir = out_dir / "checkpoints"
+    return (out_dir / "metrics.jsonl").exists() or (ckpt_dir / "last.pt").exists() \
+        or any(ckpt_dir.glob("epoch_*.pt"))
 
 
 def _make_dir(out_dir: Path) -> None:

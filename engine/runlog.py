@@ -1,6 +1,11 @@
 """The run directory's logs: env.json, metrics.jsonl (written, and read back with its improving
 epochs), TensorBoard scalars, console progress.
 
+metrics.jsonl is appended one whole line per write; a process killed while appending leaves a torn
+last line (a prefix of a row, no newline). Readers drop that line with a warning (the row is written
+again: a checkpoint carries its epoch's row); any other line that is not a JSON object is an error
+naming the file and line.
+
 Only the main process writes; other ranks get a RunLog whose methods do nothing.
 """
 
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.checkpoint import atomic_write_text
+from engine.errors import UserError
 
 
 def environment(world_size: int, device: torch.device) -> dict[str, Any]:
@@ -59,9 +65,16 @@ class RunLog:
         """On resume from `epoch`, drop lines of later epochs (written before the checkpoint was)."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", -1) <= epoch]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+        keep = [row for row in read_rows(self.metrics_path) if row.get("epoch", -1) <= epoch]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in keep))
+
+    def ensure_row(self, row: dict[str, Any]) -> None:
+        """Append an epoch's row if metrics.jsonl lacks it (the run stopped between checkpoint and row)."""
+        if not self.enabled:
+            return
+        rows = read_rows(self.metrics_path) if self.metrics_path.exists() else []
+        if not any(r.get("epoch") == row["epoch"] and "row" not in r for r in rows):
+            self.metrics(row)
 
     def metrics(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -110,7 +123,31 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl: a torn last line is dropped with a warning (stderr), any other
+    malformed line is a UserError naming the file and line."""
+    text = path.read_text()
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines):  # the last line, without its newline: a write that was cut short
+                print(f"warning: {path}: line {number} is incomplete (a process stopped while writing it); "
+                      "ignored", file=sys.stderr, flush=True)
+                continue
+            raise UserError(f"{path}: line {number} is not valid JSON ({exc}); fix or delete that line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise UserError(f"{path}: line {number} is not a metrics row (a JSON object with an integer "
+                            f"\"epoch\"): {line[:80]}")
+        rows.append(row)
+    return rows
 
 
 def improved(history: list[dict], metric: str, mode: str = "max") -> list[dict]:

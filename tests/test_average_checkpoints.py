@@ -165,3 +165,37 @@ def test_eval_records_the_averaging_row(toy_data, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["row"] == "checkpoint averaging" and rows[-1]["averaged_epochs"] == [1, 2]
     assert rows[-1]["acc1"] == result["metrics"]["acc1"] and result["metrics"]["val_images"] == 100
+
+
+def _no_averaging(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("averaged before the refusal")
+
+    monkeypatch.setattr(avg, "average", fail)
+
+
+def test_out_under_a_file_is_refused_before_averaging(tmp_path, monkeypatch):
+    run, _ = _write_run(tmp_path, [{"epoch": e, "acc1": float(e)} for e in range(2)])
+    (tmp_path / "a_file").write_text("")
+    _no_averaging(monkeypatch)
+    with pytest.raises(avg.SelectionError, match=f"--out {tmp_path / 'a_file/x/avg.pt'}: {tmp_path / 'a_file'} "
+                                                 "is a file, not a directory"):
+        avg.main(["--run", str(run), "--select", "last:2", "--out", str(tmp_path / "a_file/x/avg.pt")])
+    with pytest.raises(avg.SelectionError, match="is a directory; give a file name"):
+        avg.main(["--run", str(run), "--select", "last:2", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("config,script", [
+    ("model: {name: fasterrcnn_mobilenet_v3_large_fpn}\n", "train_detection.py"),
+    ("model: {name: mobilenet_v3_large}\nqat: {backend: x86}\n", "train_qat.py"),
+    ("model: {name: lraspp_mobilenet_v3_large}\n", "train_segmentation.py"),
+])
+def test_eval_of_a_run_of_another_script_is_one_message_before_averaging(tmp_path, monkeypatch, config, script):
+    run, _ = _write_run(tmp_path, [{"epoch": e, "acc1": float(e)} for e in range(2)])
+    (run / "config.yaml").write_text(config)
+    _no_averaging(monkeypatch)
+    with pytest.raises(avg.SelectionError) as err:
+        avg.main(["--run", str(run), "--select", "last:2", "--out", str(tmp_path / "avg.pt"), "--eval"])
+    assert str(err.value) == (f"--eval evaluates classification runs; {run} is a run of {script}. Average without "
+                              f"--eval, then evaluate: python {script} --recipe {run / 'config.yaml'} "
+                              f"run.eval_only=true model.weights={tmp_path / 'avg.pt'}")

@@ -136,3 +136,60 @@ def test_print_config_counts_steps_when_data_is_present(toy_data, tmp_path):
                                                       f"data.root={toy_data / 'imagenet'}", "--print-config"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "train_images: 400" in proc.stdout and "steps_per_epoch: 13" in proc.stdout
+
+
+def test_numbers_in_a_recipe_parse_as_on_the_command_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optimizer: {name: sgd, lr: 2e-3, weight_decay: 4E-5, betas: [1e-1, .5], eps: -1e+2}\n"
+                 "run: {output_dir: 1e-3, seed: 0}\n")
+    from_file = load_config(Cfg, p)
+    assert (from_file.optimizer.lr, from_file.optimizer.weight_decay) == (0.002, 4e-05)
+    assert from_file.optimizer.betas == (0.1, 0.5) and from_file.optimizer.eps == -100.0
+    assert from_file.run.output_dir == "1e-3"  # a str field keeps the text
+    p.write_text("optimizer: {name: sgd, lr: 0.1, weight_decay: 0.0}\nrun: {output_dir: x, seed: 0}\n")
+    typed = load_config(Cfg, p, ["optimizer.lr=2e-3", "optimizer.weight_decay=4E-5", "optimizer.betas=[1e-1, .5]",
+                                 "optimizer.eps=-1e+2", "run.output_dir=1e-3"])
+    assert typed == from_file
+    p.write_text("optimizer: {name: sgd, lr: 2e-3x, weight_decay: 0.0}\nrun: {output_dir: x, seed: 0}\n")
+    with pytest.raises(ConfigError, match=r"optimizer.lr: expected float, got '2e-3x'"):
+        load_config(Cfg, p)
+
+
+def test_a_key_given_twice_is_refused_naming_file_key_and_lines(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optimizer:\n  name: sgd\n  lr: 0.1\n  weight_decay: 0.0\n  lr: 0.2\nrun: {output_dir: x, seed: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    assert err.value.problems == [f"{p}: line 5: key 'lr' is given twice (first on line 3); "
+                                  "a recipe names each key once"]
+    p.write_text("run: {output_dir: x, seed: 0}\noptimizer: {name: sgd, lr: 0.1, weight_decay: 0.0}\nrun: {}\n")
+    with pytest.raises(ConfigError, match="line 3: key 'run' is given twice"):
+        load_config(Cfg, p)
+
+
+@pytest.mark.parametrize("what", ["directory", "binary"])
+def test_a_recipe_that_is_a_directory_or_binary_is_one_message(tmp_path, what):
+    path = tmp_path / "recipe"
+    if what == "directory":
+        path.mkdir()
+        message = f"{path}: is a directory; expected a recipe file (YAML)"
+    else:
+        path.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
+        message = f"{path}: not a text file (byte 136 is not UTF-8); expected a recipe file (YAML)"
+    proc = run_in_process("train_classification.py", ["--recipe", path], tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_print_config_with_a_global_batch_that_cannot_be_met_is_the_run_s_message(tmp_path):
+    args = ["--recipe", ROOT / "recipes/large.yaml", "data.batch_size=5"]
+    printed = run_in_process("train_classification.py", [*args, "--print-config"], tmp_path)
+    assert printed.returncode == 2 and printed.stdout == "" and "Traceback" not in printed.stderr
+    assert ("train.accumulate=auto: the recipe's global batch (run.global_batch=1024) is not a multiple of "
+            "1 processes x data.batch_size 5 = 5") in printed.stderr, printed.stderr
+    from engine.loop import plan_batch
+    from train_classification import Config
+
+    cfg = load_config(Config, ROOT / "recipes/large.yaml", ["data.batch_size=5"])
+    with pytest.raises(ConfigError) as err:  # what main() raises, and launch() prints with exit 2
+        plan_batch(cfg.run, 5, "auto", "none", 1)
+    assert printed.stderr.splitlines()[1] == f"  {err.value.problems[0]}"

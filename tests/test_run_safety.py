@@ -137,13 +137,13 @@ def test_changed_recipe_is_refused_untouched_then_accepted_and_effective(toy_dat
 def test_another_recipe_or_no_resume_in_a_used_directory_is_refused(toy_data, tmp_path):
     out = tmp_path / "run"
     assert run_script(fast(toy_data / "imagenet", out, "schedule.epochs=1"), tmp_path).returncode == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "run.lock"}
     proc = run_script(fast(toy_data / "imagenet", out, "schedule.epochs=1", "model.width_mult=0.75"), tmp_path)
     assert proc.returncode == 1 and "  model.width_mult: 0.5 -> 0.75" in proc.stderr, proc.stderr
     proc = run_script(fast(toy_data / "imagenet", out, "schedule.epochs=1", "run.resume=null"), tmp_path)
     assert proc.returncode == 1
     assert f"{out} already holds a run (epoch_000.pt); continue it with run.resume=auto" in proc.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "run.lock"} == before
 
 
 def test_truncated_last_pt_falls_back_to_the_newest_intact_epoch(toy_data, tmp_path):

@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -46,3 +47,36 @@ def test_sample_seed_mixes_each_part():
     assert len(seeds) == 10_000
     assert seeding.sample_seed(1, 0, 0) != seeding.sample_seed(0, 1, 0) != seeding.sample_seed(0, 0, 1)
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_no_temp_file_stays(tmp_path, monkeypatch):
+    import errno
+
+    target = tmp_path / "ck.pt"
+    real_save = torch.save
+
+    def enospc(obj, fh):  # as torch.save reports it: a RuntimeError with the OSError chained
+        real_save({"w": torch.ones(1000)}, fh)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4050") from exc
+
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(checkpoint.NoSpace) as err:
+        checkpoint.save(checkpoint.new({"w": torch.zeros(2)}, epoch=2), target)
+    assert str(err.value) == f"no space left on device while writing {target}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        checkpoint.atomic_write_text(tmp_path / "a.json", "{}\n")
+        checkpoint.save(checkpoint.new({"w": torch.ones(1)}), tmp_path / "b.pt")
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o666 & ~umask, "b.pt": 0o666 & ~umask, "plain": 0o666 & ~umask}

@@ -1,0 +1,47 @@
+"""engine/runlog.py's metrics.jsonl reader: a torn last line (a kill while appending) is dropped with a
+warning; any other malformed line is an error naming the file and line."""
+
+import json
+
+import pytest
+
+from engine.errors import UserError
+from engine.runlog import RunLog, read_metrics
+
+ROWS = [{"epoch": 0, "acc1": 10.0}, {"row": "recipe change", "epoch": 1, "changes": {}}, {"epoch": 1, "acc1": 20.5}]
+
+
+def _write(tmp_path, text):
+    (tmp_path / "metrics.jsonl").write_text(text)
+    return tmp_path / "metrics.jsonl"
+
+
+def test_rows_read_back_and_a_torn_last_line_is_dropped_with_a_warning(tmp_path, capsys):
+    whole = "".join(json.dumps(r) + "\n" for r in ROWS)
+    _write(tmp_path, whole)
+    assert read_metrics(tmp_path) == ROWS and capsys.readouterr().err == ""
+    path = _write(tmp_path, whole + json.dumps({"epoch": 2, "acc1": 30.0})[:17])
+    assert read_metrics(tmp_path) == ROWS
+    assert capsys.readouterr().err == (f"warning: {path}: line 4 is incomplete (a process stopped while writing it); "
+                                       "ignored\n")
+
+
+@pytest.mark.parametrize("text,line", [
+    ('{"epoch": 0}\n{"epoch": 1, "acc\n{"epoch": 2}\n', 2),   # torn, then written after: not the last line
+    ('{"epoch": 0}\n{"epoch": 1, "acc\n', 2),                 # a torn line that ends in a newline
+    ('{"epoch": 0}\n[1, 2]\n', 2),                            # JSON, but not a row
+    ('{"acc1": 1.0}\n', 1),                                   # a row without its epoch
+])
+def test_any_other_malformed_line_is_an_error_naming_file_and_line(tmp_path, text, line):
+    path = _write(tmp_path, text)
+    with pytest.raises(UserError, match=f"^{path}: line {line} is not"):
+        read_metrics(tmp_path)
+
+
+def test_truncate_after_drops_the_torn_line_so_appends_start_on_a_line_of_their_own(tmp_path):
+    _write(tmp_path, "".join(json.dumps(r) + "\n" for r in ROWS) + '{"epoch": 2, "ac')
+    log = RunLog(tmp_path, enabled=True)
+    log.truncate_after(0)
+    log.ensure_row({"epoch": 1, "acc1": 20.5})
+    log.ensure_row({"epoch": 1, "acc1": 20.5})  # present: not written twice
+    assert read_metrics(tmp_path) == [ROWS[0], ROWS[2]]
