@@ -239,3 +239,40 @@ def test_qat_file_with_the_other_gate_layout_is_a_clear_error(tmp_path):
     assert "today.pth" in text and "unexpected in the file" in text
     assert "features.4.block.2.scale_activation.activation_post_process.scale" in text
     assert "qat.se_gate=fake_quant" in text
+
+
+def test_readme_eval_only_command_on_the_2021_low_res_detector_file(toy_data, tmp_path):
+    """`python train_detection.py --recipe recipes/detection/fasterrcnn_mobilenet_v3_large_320_fpn.yaml
+    data.root=... run.eval_only=true model.weights=<2021-layout file>`, run in process on the toy COCO:
+    exit 0, and its detections file holds torchvision's detections of every val image."""
+    import json
+
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from tests.conftest import ROOT, run_in_process
+
+    coco = toy_data / "coco"
+    images = json.loads((coco / "annotations/instances_val2017.json").read_text())["images"]
+    tensors = [to_tensor(Image.open(coco / "val2017" / im["file_name"]).convert("RGB")) for im in images]
+    size = dict(min_size=320, max_size=640)  # the recipe's
+    ref = randomize(torchvision_detector(True), 0, inputs=tensors[:2]).eval()
+    for k, v in size.items():
+        setattr(ref.transform, k, (v,) if k == "min_size" else v)
+    _save_released(released_detection_layout(ref.state_dict()), tmp_path / "det_2021.pth")
+    out = tmp_path / "eval"
+    proc = run_in_process("train_detection.py", [
+        "--recipe", ROOT / "recipes/detection/fasterrcnn_mobilenet_v3_large_320_fpn.yaml", f"data.root={coco}",
+        "run.eval_only=true", f"model.weights={tmp_path / 'det_2021.pth'}", f"run.output_dir={out}",
+        "data.workers=0", "run.device=cpu"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((out / "detections/eval.json").read_text())
+    with torch.no_grad():
+        want = [(im["id"], d) for im, x in zip(images, tensors) for d in [ref([x])[0]]]
+    want_rows = [(i, b, s, lab) for i, d in want for b, s, lab in zip(d["boxes"].tolist(), d["scores"].tolist(),
+                                                                   d["labels"].tolist())]
+    assert len(want_rows) >= 50 and len(got) == len(want_rows)
+    for g, (i, b, s, lab) in zip(got, want_rows):
+        assert (g["image_id"], g["category_id"]) == (i, lab)
+        assert g["bbox"] == pytest.approx([b[0], b[1], b[2] - b[0], b[3] - b[1]], abs=1e-3)
+        assert g["score"] == pytest.approx(s, abs=1e-5)
