@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler
 
 from data.classification import (BatchTransform, build_loaders, ClassificationDataConfig, count_images, decode, make_loader, steps_per_epoch)
-from engine import checkpoint, distributed, rundir, seeding
+from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
 from engine.errors import UserError
@@ -55,7 +55,7 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class QatConfig:
     mode: Literal["qat", "ptq"]                 # quantization-aware training, or post-training quantization
-    backend: Literal["qnnpack", "x86", "fbgemm"]  # qconfig and int8 kernels, QAT and PTQ alike (published: qnnpack)
+    backend: Literal["qnnpack", "x86", "fbgemm"]  # qconfig and int8 kernels, QAT and PTQ (published: qnnpack)
     se_gate: Literal["float", "fake_quant"]     # SE gate in QAT/PTQ: float = torchvision 2021's functional
                                                 # hardsigmoid (the published row); fake_quant = today's module
     num_observer_update_epochs: int             # torchvision's names and semantics: observers update while
@@ -245,8 +245,9 @@ def load_qat_weights(model: nn.Module, path: str, se_gate: str) -> None:
     try:
         fit(model, _read_state(path), path, f"the QAT-prepared MobileNetV3-Large (qat.se_gate={se_gate})")
     except ValueError as exc:
-        hint = ("\n  (a file without SE-gate observers, such as torchvision's 2021 quantized weights, loads with "
-                "qat.se_gate=float; one with them with qat.se_gate=fake_quant)" if "scale_activation" in str(exc) else "")
+        hint = ("\n  (a file without SE-gate observers, such as torchvision's 2021 quantized weights, loads "
+                "with qat.se_gate=float; one with them with qat.se_gate=fake_quant)"
+                if "scale_activation" in str(exc) else "")
         raise UserError(f"model.weights: {exc}{hint}") from None
 
 

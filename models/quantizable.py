@@ -33,21 +33,25 @@ class QuantizableSqueezeExcitation(tv_quantizable.QuantizableSqueezeExcitation):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
         observer = getattr(self.scale_activation, "activation_post_process", None)
-        if observer is None:  # nothing to fill: skip torchvision's shim, which adds keys whenever qconfig is set
+        if observer is None:  # nothing to fill; torchvision's shim would add keys whenever qconfig is set
             SqueezeExcitation._load_from_state_dict(self, state_dict, prefix, local_metadata, *args)
             return
         if local_metadata.get("version", None) is None or local_metadata["version"] < 2:
-            for k, v in observer.state_dict(prefix=f"{prefix}scale_activation.activation_post_process.").items():
+            own = observer.state_dict(prefix=f"{prefix}scale_activation.activation_post_process.")
+            for k, v in own.items():
                 state_dict.setdefault(k, v)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
 
 def float_se_gates(model: nn.Module) -> None:
     """Keep every SE gate out of quantization preparation (call before prepare/prepare_qat): the gate
-    trains in float as with the 2021 functional hardsigmoid, and the state dict has no gate observer."""
+    trains in float as with the 2021 functional hardsigmoid, and the state dict has no gate observer:
+    the 2021 layout, so it is saved as module version 1, as the 2021 file, and torchvision's module
+    loads it through its shim."""
     for m in model.modules():
         if isinstance(m, QuantizableSqueezeExcitation):
             m.scale_activation.qconfig = None
+            m._version = 1
 
 
 class QuantizableInvertedResidual(InvertedResidual):

@@ -236,9 +236,9 @@ def export_file(path: str | Path) -> Path | None:
     if not file.is_file():
         raise ValueError(f"{path}: a directory without {EXPORT_FILE}: not an int8 export (RUN/export) "
                          "and not a checkpoint file")
-    raise ValueError(f"{file}: the int8 export is truncated or unreadable ({file.stat().st_size} bytes, not a "
-                     "complete TorchScript archive); copy it again, or evaluate the run's QAT checkpoint "
-                     "(model.weights=RUN/checkpoints/last.pt)")
+    raise ValueError(f"{file}: the int8 export is truncated or unreadable ({file.stat().st_size} bytes, "
+                     "not a complete TorchScript archive); copy it again, or evaluate the run's QAT "
+                     "checkpoint (model.weights=RUN/checkpoints/last.pt)")
 
 
 def load_int8(path: str | Path, backend: str | None = None) -> tuple[torch.jit.ScriptModule, dict]:

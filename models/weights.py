@@ -31,7 +31,8 @@ def _report(source: str, target: str, n_own: int, n_file: int, missing: list[str
         more = f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""
         return f"  {title} ({len(items)}):\n" + "\n".join(f"    {k}" for k in items[:10]) + more
 
-    parts = [f"{source}: the weights do not fit {target} ({n_own} tensors in the model, {n_file} in the file)"]
+    parts = [f"{source}: the weights do not fit {target} "
+             f"({n_own} tensors in the model, {n_file} in the file)"]
     if missing:
         parts.append(block("missing from the file", missing))
     if unexpected:
@@ -55,7 +56,8 @@ def mismatch_report(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
                    [k for k in state if k not in own], _shape_differences(own, state))
 
 
-def fit(model: nn.Module, state: dict[str, torch.Tensor], source: str, target: str | None = None) -> nn.Module:
+def fit(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+        target: str | None = None) -> nn.Module:
     """Load `state` strictly into `model` through the modules' own load hooks; on any misfit raise one
     ValueError naming `source` and the keys, leaving `model` untouched.
 
@@ -93,7 +95,8 @@ def read_state(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
     out = OrderedDict((k.removeprefix("module."), v) for k, v in state.items())
     meta = getattr(state, "_metadata", None)
     if meta is not None:
-        out._metadata = OrderedDict(("" if k == "module" else k.removeprefix("module."), v) for k, v in meta.items())
+        out._metadata = OrderedDict(("" if k == "module" else k.removeprefix("module."), v)
+                                    for k, v in meta.items())
     return out
 
 

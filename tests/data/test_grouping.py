@@ -27,7 +27,8 @@ def ref_quantize(x, bins):  # _quantize, with create_aspect_ratio_groups' bins
 
 
 def ref_groups(images, k):
-    return ref_quantize(ref_coco_aspect_ratios(images), (2 ** np.linspace(-1, 1, 2 * k + 1)).tolist() if k > 0 else [1.0])
+    bins = (2 ** np.linspace(-1, 1, 2 * k + 1)).tolist() if k > 0 else [1.0]
+    return ref_quantize(ref_coco_aspect_ratios(images), bins)
 
 
 # ----------------------------------------------------------------------------- tests

@@ -84,7 +84,8 @@ DET_SIZE = dict(min_size=160, max_size=320)  # the low-res builder's settings, a
 def torchvision_detector(low_res: bool) -> FasterRCNN:
     """torchvision's fasterrcnn_mobilenet_v3_large(_320)_fpn as its builders make it for released weights
     (FrozenBatchNorm2d backbone, 3 trainable stages, 3 anchor levels), built from its public parts."""
-    backbone = _mobilenet_extractor(torchvision.models.mobilenet_v3_large(norm_layer=FrozenBatchNorm2d), True, 3)
+    body = torchvision.models.mobilenet_v3_large(norm_layer=FrozenBatchNorm2d)
+    backbone = _mobilenet_extractor(body, True, 3)
     sizes = ((32, 64, 128, 256, 512),) * 3
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 3)
     top_n = dict(rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150) if low_res else {}
@@ -112,7 +113,8 @@ def legacy_detector_file(low_res: bool, images, path) -> FasterRCNN:
     return fresh
 
 
-@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn",
+                                  "fasterrcnn_mobilenet_v3_large_320_fpn"])
 def test_detector_2021_file_gives_torchvision_detections(name, toy_data, tmp_path):
     images = _images(toy_data / "coco/val2017", 3, None)
     low_res = "320" in name
@@ -139,7 +141,8 @@ def test_misfit_file_still_names_file_and_keys(tmp_path):
     assert "cut.pth: the weights do not fit FasterRCNN" in text and "missing from the file (5)" in text
     assert "backbone.fpn.layer_blocks.1.0.bias" in text and "roi_heads.box_predictor.cls_score.weight" in text
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "model half-loaded"
-    _save_released({**state, "roi_heads.box_predictor.cls_score.weight": torch.zeros(21, 1024)}, tmp_path / "voc.pth")
+    voc = {**state, "roi_heads.box_predictor.cls_score.weight": torch.zeros(21, 1024)}
+    _save_released(voc, tmp_path / "voc.pth")
     with pytest.raises(ValueError, match=r"voc.pth(.|\n)*roi_heads.box_predictor.cls_score.weight: "
                                          r"checkpoint \(21, 1024\) vs model \(91, 1024\)"):
         load_weights(model, tmp_path / "voc.pth")
@@ -262,17 +265,31 @@ def test_readme_eval_only_command_on_the_2021_low_res_detector_file(toy_data, tm
     _save_released(released_detection_layout(ref.state_dict()), tmp_path / "det_2021.pth")
     out = tmp_path / "eval"
     proc = run_in_process("train_detection.py", [
-        "--recipe", ROOT / "recipes/detection/fasterrcnn_mobilenet_v3_large_320_fpn.yaml", f"data.root={coco}",
+        "--recipe", ROOT / "recipes/detection/fasterrcnn_mobilenet_v3_large_320_fpn.yaml",
+        f"data.root={coco}",
         "run.eval_only=true", f"model.weights={tmp_path / 'det_2021.pth'}", f"run.output_dir={out}",
         "data.workers=0", "run.device=cpu"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((out / "detections/eval.json").read_text())
     with torch.no_grad():
         want = [(im["id"], d) for im, x in zip(images, tensors) for d in [ref([x])[0]]]
-    want_rows = [(i, b, s, lab) for i, d in want for b, s, lab in zip(d["boxes"].tolist(), d["scores"].tolist(),
-                                                                   d["labels"].tolist())]
+    want_rows = [(i, b, s, lab) for i, d in want
+                 for b, s, lab in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist())]
     assert len(want_rows) >= 50 and len(got) == len(want_rows)
     for g, (i, b, s, lab) in zip(got, want_rows):
         assert (g["image_id"], g["category_id"]) == (i, lab)
         assert g["bbox"] == pytest.approx([b[0], b[1], b[2] - b[0], b[3] - b[1]], abs=1e-3)
         assert g["score"] == pytest.approx(s, abs=1e-5)
+
+
+def test_float_gate_checkpoint_is_the_2021_layout_and_loads_in_torchvision(tmp_path):
+    """A QAT state dict of ours with qat.se_gate=float says module version 1 for its SE blocks (no gate
+    observer, as the 2021 file), so torchvision's quantizable model loads it strictly, and so do we."""
+    ours = quantize.prepare_qat(build("quantizable_mobilenet_v3_large"), "qnnpack", "float")
+    state = ours.state_dict()
+    assert not any(".scale_activation." in k for k in state)
+    assert state._metadata["features.4.block.2"]["version"] == 1
+    quantize.prepare_qat(tv_quantizable(quantize=False), "qnnpack").load_state_dict(state, strict=True)
+    torch.save(state, tmp_path / "ours.pth")
+    load_weights(quantize.prepare_qat(build("quantizable_mobilenet_v3_large"), "qnnpack", "float"),
+                 tmp_path / "ours.pth")
