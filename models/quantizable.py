@@ -25,11 +25,12 @@ from models.mobilenetv3 import InvertedResidual, MobileNetV3
 class QuantizableSqueezeExcitation(tv_quantizable.QuantizableSqueezeExcitation):
     """torchvision's, loading 2021 files (module version < 2, or no `_metadata`: no gate observer) right.
 
-    torchvision's version-2 shim fills a 2021 file's missing gate-observer keys with scale 1.0 and
-    zero point 0, which overwrite the fixed qparams (1/256, 0) of the gate's FixedQParamsFakeQuantize:
-    its fake-quant model then gates with 0 or 1 only (the int8 conversion drops that observer, so int8
-    outputs are unaffected). Here the gate observer keeps its own values; a gate without an observer
-    (float_se_gates) loads the 2021 file as it is."""
+    pytorch/vision#4487 (Sep 2021) made the gate an nn.Hardsigmoid (its review: old weights load
+    "but the QAT bits ... will be missing"); #4997 added the version-2 shim, which fills a 2021 file's
+    missing gate-observer keys with scale 1.0 and zero point 0. Those overwrite the fixed qparams
+    (1/256, 0) of the gate's FixedQParamsFakeQuantize: its fake-quant model then gates with 0 or 1 only
+    (the int8 conversion drops that observer, so int8 outputs are unaffected). Here the gate observer
+    keeps its own values; a gate without an observer (float_se_gates) loads the 2021 file as it is."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
         observer = getattr(self.scale_activation, "activation_post_process", None)
