@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler
 
 from data.classification import (BatchTransform, build_loaders, ClassificationDataConfig, count_images, decode, make_loader, steps_per_epoch)
-from engine import checkpoint, distributed, rundir, seeding
+from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
 from engine.errors import UserError
@@ -37,7 +37,7 @@ from engine.loop import Accumulate, Loop, check_steps, launch, launch_world_size
 from engine.metrics import evaluate_classifier
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, quantize
-from models.weights import mismatch_report
+from models.weights import fit, read_state
 
 # ============================================================================ config
 
@@ -55,7 +55,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class QatConfig:
     mode: Literal["qat", "ptq"]                 # quantization-aware training, or post-training quantization
-    backend: Literal["qnnpack", "x86", "fbgemm"]  # qconfig and int8 kernels (the published model: qnnpack)
+    backend: Literal["qnnpack", "x86", "fbgemm"]  # qconfig and int8 kernels, QAT and PTQ (published: qnnpack)
+    se_gate: Literal["float", "fake_quant"]     # SE gate in QAT/PTQ: float = torchvision 2021's functional
+                                                # hardsigmoid (the published row); fake_quant = today's module
     num_observer_update_epochs: int             # torchvision's names and semantics: observers update while
     num_batch_norm_update_epochs: int           # epoch <= N (disabled once epoch N has been trained)
     calibration_batches: int = 32               # ptq: training batches (data.batch_size each) observed
@@ -163,7 +165,7 @@ def main(cfg: Config) -> dict:
         return post_training_quantization(cfg, dist, run, model, train_set, val_loader, batch_tf, cpu_tf)
 
     # ---------------------------------------------------------------- QAT model, optimizer, schedule, loop
-    quantize.prepare_qat(model, backend)
+    quantize.prepare_qat(model, backend, cfg.qat.se_gate)
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     plan = plan_batch(cfg.run, cfg.data.batch_size, cfg.train.accumulate, cfg.optimizer.lr_scaling,
                       dist.world_size)
@@ -221,8 +223,10 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def _read_state(path: str) -> dict[str, torch.Tensor]:
-    state = checkpoint.load(path)["model"]
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        return read_state(path)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise UserError(f"model.weights: {exc}") from None
 
 
 def load_float_weights(model: nn.Module, path: str) -> None:
@@ -230,21 +234,22 @@ def load_float_weights(model: nn.Module, path: str) -> None:
     if quantize.is_qat_state_dict(state):
         raise UserError(f"model.weights: {path} holds a QAT (fake-quant) model, not float weights; continue "
                         "its run with run.resume=auto (same run.output_dir) or evaluate it with run.eval_only=true")
-    problem = mismatch_report(model.state_dict(), state, path, "MobileNetV3-Large (float, before fusion)")
-    if problem:
-        raise UserError(f"model.weights: {problem}")
-    model.load_state_dict(state)
-
-
-def load_qat_weights(model: nn.Module, path: str) -> None:
-    """A QAT state dict (ours, or torchvision's published quantized weights) into a QAT-prepared model.
-    load_state_dict, not a key check first: torchvision's SE block fills keys that its 2021 files lack."""
-    state = _read_state(path)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        problem = mismatch_report(model.state_dict(), state, path, "the QAT-prepared MobileNetV3-Large")
-        raise UserError(f"model.weights: {problem or path + ': does not load into the QAT model'}") from None
+        fit(model, state, path, "MobileNetV3-Large (float, before fusion)")
+    except ValueError as exc:
+        raise UserError(f"model.weights: {exc}") from None
+
+
+def load_qat_weights(model: nn.Module, path: str, se_gate: str) -> None:
+    """A QAT state dict (ours, or torchvision's published quantized weights, whose 2021 layout has no
+    SE-gate observer: models/quantizable.py) into a QAT-prepared model, through the modules' load hooks."""
+    try:
+        fit(model, _read_state(path), path, f"the QAT-prepared MobileNetV3-Large (qat.se_gate={se_gate})")
+    except ValueError as exc:
+        hint = ("\n  (a file without SE-gate observers, such as torchvision's 2021 quantized weights, loads "
+                "with qat.se_gate=float; one with them with qat.se_gate=fake_quant)"
+                if "scale_activation" in str(exc) else "")
+        raise UserError(f"model.weights: {exc}{hint}") from None
 
 
 def sync_buffers(model: nn.Module, dist: distributed.DistState) -> None:
@@ -293,8 +298,12 @@ def evaluate_weights(cfg: Config, dist, run, val_loader, batch_tf, cpu_tf, n_val
     weights, log = cfg.model.weights, run.log
     if weights is None:
         raise UserError("run.eval_only=true needs model.weights: an int8 export (RUN/export) or a QAT checkpoint")
-    if quantize.is_int8_export(weights):
-        int8_model, meta = quantize.load_int8(weights)
+    export_file = quantize.export_file(weights)
+    if export_file is not None:
+        try:
+            int8_model, meta = quantize.load_int8(export_file)
+        except ValueError as exc:
+            raise UserError(f"model.weights: {exc}") from None
         with quantize.engine(meta["backend"]):
             m = evaluate(int8_model, val_loader, cpu_tf, torch.device("cpu"), dist)
         metrics = {"int8_acc1": m["acc1"], "int8_acc5": m["acc5"], "val_images": m["val_images"]}
@@ -305,8 +314,8 @@ def evaluate_weights(cfg: Config, dist, run, val_loader, batch_tf, cpu_tf, n_val
         if not quantize.is_qat_state_dict(state):
             raise UserError(f"model.weights: {weights} holds float weights; evaluate them with train_classification.py, "
                             "or quantize them with qat.mode=ptq")
-        quantize.prepare_qat(model, cfg.qat.backend)
-        load_qat_weights(model, weights)
+        quantize.prepare_qat(model, cfg.qat.backend, cfg.qat.se_gate)
+        load_qat_weights(model, weights, cfg.qat.se_gate)
         model.to(dist.device)
         metrics, _ = evaluate_qat(model, val_loader, batch_tf, cpu_tf, dist.device, cfg.qat.backend, dist)
         what = f"QAT checkpoint, converted to int8 ({cfg.qat.backend})"
@@ -327,7 +336,7 @@ def post_training_quantization(cfg: Config, dist, run, model, train_set, val_loa
     model.to(dist.device)
     float_metrics = evaluate(model, val_loader, batch_tf, dist.device, dist)
     model.cpu()
-    quantize.prepare_ptq(model, backend)
+    quantize.prepare_ptq(model, backend, cfg.qat.se_gate)
     n = min(len(train_set), cfg.data.batch_size * cfg.qat.calibration_batches)
     keys = [(0, i) for i in range(n)]  # (epoch, index): ImageFolder's per-sample-seeded training transform
     loader = make_loader(train_set, BatchSampler(keys, cfg.data.batch_size, False), cfg.data.workers, False)

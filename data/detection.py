@@ -208,8 +208,10 @@ class CocoDetection(Dataset):
         return self.ann.image_ids[self.indices[i]]
 
     def aspect_ratios(self) -> list[float]:
-        """height / width of each item, from the annotation file (no image is opened)."""
-        return [h / w for h, w in (self.ann.sizes[j] for j in self.indices)]
+        """width / height of each item, from the annotation file (no image is opened): the reference's
+        COCO path (_compute_aspect_ratios_coco_dataset). The bins are symmetric around 1, so only images
+        exactly on an edge (1:1, 1:2, 2:1) land in another group than with height / width."""
+        return [w / h for h, w in (self.ann.sizes[j] for j in self.indices)]
 
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, i = key if isinstance(key, tuple) else (0, key)
@@ -262,8 +264,9 @@ class GroupedBatchSampler:
     The order within an epoch is DistributedSampler's (shuffled by seed + epoch, padded, rank's shard),
     so it depends on (seed, epoch, rank, world size) only, never on the global RNG. Grouping is the
     reference's GroupedBatchSampler algorithm: walk the shard, emit a group's buffer when it holds
-    batch_size items; at the end, top up the fullest leftover buffers with the group's first samples of
-    the epoch, so that there are always len(shard) // batch_size batches. group_ids None: plain
+    batch_size items; at the end, top up the fullest leftover buffers (ties in the reference's order)
+    with the group's samples of the epoch, repeated if too few (its _repeat_to_at_least), so that there
+    are always len(shard) // batch_size full batches. group_ids None: plain
     consecutive batches of the shard (drop_last, as the reference without grouping).
     """
 
@@ -298,12 +301,16 @@ class GroupedBatchSampler:
             seen[g].append(i)
             if len(buffers[g]) == self.batch_size:
                 yield buffers.pop(g)
+                # The reference's defaultdict re-creates the emptied buffer at once (its assert reads it),
+                # at the end of the dict: that place orders equal-sized leftovers below (a stable sort).
+                buffers[g] = []
                 emitted += 1
         remaining = len(self) - emitted
         for g, buf in sorted(buffers.items(), key=lambda kv: len(kv[1]), reverse=True):
             if remaining <= 0:
                 break
-            yield buf + seen[g][:self.batch_size - len(buf)]
+            need = self.batch_size - len(buf)
+            yield buf + (seen[g] * -(-need // len(seen[g])))[:need]  # the reference's _repeat_to_at_least
             remaining -= 1
 
 

@@ -148,7 +148,8 @@ def rasterise(voc_anns: list[dict], height: int, width: int) -> np.ndarray:
     from pycocotools import mask as coco_mask
 
     target = np.zeros((height, width), dtype=np.uint8)
-    count = np.zeros((height, width), dtype=np.uint8)
+    covered = np.zeros((height, width), dtype=bool)  # by some instance so far
+    overlap = np.zeros((height, width), dtype=bool)  # by two or more: the reference's masks.sum(0) > 1, exact
     for a in voc_anns:
         seg = a["segmentation"]
         if isinstance(seg, dict) and isinstance(seg.get("counts"), str):  # compressed RLE: already pycocotools'
@@ -160,8 +161,9 @@ def rasterise(voc_anns: list[dict], height: int, width: int) -> np.ndarray:
             m = m.any(axis=2)
         m = m.astype(bool)
         np.maximum(target, np.where(m, np.uint8(a["category_id"]), np.uint8(0)), out=target)
-        count += m  # saturates at 255, far beyond the "> 1" that matters
-    target[count > 1] = IGNORE_INDEX
+        overlap |= covered & m  # (a uint8 counter would wrap to 0 at 256 instances)
+        covered |= m
+    target[overlap] = IGNORE_INDEX
     return target
 
 

@@ -31,12 +31,14 @@ from torch.ao import quantization as tq
 from torch.ao.nn.intrinsic import qat as nniqat
 
 from engine.checkpoint import atomic_write_text
+from models.quantizable import float_se_gates
 
 # torch.ao.quantization warns on every prepare/convert that it is deprecated; the reason we use it
 # anyway is above, so the warning is silenced here (and only for that message).
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
 BACKENDS = ("qnnpack", "x86", "fbgemm")
+SE_GATES = ("float", "fake_quant")
 EXPORT_FILE = "model_int8.pt"
 EXPORT_META = "model_int8.json"
 EXPORT_FORMAT = "mbv3-recipes-int8-torchscript"
@@ -70,25 +72,36 @@ def engine(backend: str) -> Iterator[None]:
 # ============================================================================ eager-mode QAT and PTQ
 
 
-def prepare_qat(model: nn.Module, backend: str) -> nn.Module:
+def _set_qconfig(model: nn.Module, qconfig, se_gate: str) -> None:
+    if se_gate not in SE_GATES:
+        raise ValueError(f"unknown se_gate {se_gate!r}: expected one of {', '.join(SE_GATES)}")
+    model.qconfig = qconfig
+    if se_gate == "float":
+        float_se_gates(model)
+
+
+def prepare_qat(model: nn.Module, backend: str, se_gate: str = "fake_quant") -> nn.Module:
     """torchvision's QAT preparation: train mode, fuse Conv+BN(+ReLU) and SE fc1+ReLU for QAT,
     the backend's default QAT qconfig, prepare_qat (in place). The model's state dict then has
-    exactly the keys of torchvision's quantizable mobilenet_v3_large prepared the same way."""
+    exactly the keys of torchvision's quantizable mobilenet_v3_large prepared the same way
+    (se_gate="fake_quant", today's module), or of its 2021 file (se_gate="float": the SE gate is not
+    fake-quantized in training, as the 2021 module's functional hardsigmoid, and has no observer)."""
     check_backend(backend)
     model.train()
     model.fuse_model(is_qat=True)
-    model.qconfig = tq.get_default_qat_qconfig(backend)
+    _set_qconfig(model, tq.get_default_qat_qconfig(backend), se_gate)
     tq.prepare_qat(model, inplace=True)
     return model
 
 
-def prepare_ptq(model: nn.Module, backend: str) -> nn.Module:
+def prepare_ptq(model: nn.Module, backend: str, se_gate: str = "fake_quant") -> nn.Module:
     """torchvision's post-training quantization preparation: eval mode, fuse (not QAT), the
-    backend's default qconfig (histogram observer for activations), prepare (in place)."""
+    backend's default qconfig (histogram observer for activations), prepare (in place). se_gate as in
+    prepare_qat; the int8 model is the same either way (the gate's observer has fixed qparams)."""
     check_backend(backend)
     model.eval()
     model.fuse_model(is_qat=False)
-    model.qconfig = tq.get_default_qconfig(backend)
+    _set_qconfig(model, tq.get_default_qconfig(backend), se_gate)
     tq.prepare(model, inplace=True)
     return model
 
@@ -210,6 +223,24 @@ def is_int8_export(path: str | Path) -> bool:
         return any(n.endswith("/code/__torch__.py") or "/code/__torch__/" in n for n in z.namelist())
 
 
+def export_file(path: str | Path) -> Path | None:
+    """The int8 export that `path` names (the file, or the export directory holding it), or None when
+    `path` is something else (a QAT checkpoint). An export file that is there but not a whole TorchScript
+    archive (a copy or a disk that ran out) is one error naming the file, not "checkpoint not found"."""
+    path = Path(path)
+    file = path / EXPORT_FILE if path.is_dir() else path
+    if is_int8_export(file):
+        return file
+    if not (path.is_dir() or file.name == EXPORT_FILE or file.with_name(EXPORT_META).is_file()):
+        return None
+    if not file.is_file():
+        raise ValueError(f"{path}: a directory without {EXPORT_FILE}: not an int8 export (RUN/export) "
+                         "and not a checkpoint file")
+    raise ValueError(f"{file}: the int8 export is truncated or unreadable ({file.stat().st_size} bytes, "
+                     "not a complete TorchScript archive); copy it again, or evaluate the run's QAT "
+                     "checkpoint (model.weights=RUN/checkpoints/last.pt)")
+
+
 def load_int8(path: str | Path, backend: str | None = None) -> tuple[torch.jit.ScriptModule, dict]:
     """Load an int8 export (file or its directory) for CPU inference; returns (model, sidecar info).
 
@@ -219,7 +250,10 @@ def load_int8(path: str | Path, backend: str | None = None) -> tuple[torch.jit.S
     if path.is_dir():
         path = path / EXPORT_FILE
     meta_path = path.with_name(EXPORT_META)
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: unreadable export sidecar ({exc})") from None
     backend = backend or meta.get("backend")
     if backend is None:
         raise ValueError(f"{path}: no {EXPORT_META} beside it naming the backend; pass the backend explicitly")
@@ -227,6 +261,10 @@ def load_int8(path: str | Path, backend: str | None = None) -> tuple[torch.jit.S
     torch.backends.quantized.engine = backend
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
-        model = torch.jit.load(str(path), map_location="cpu")
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as exc:  # a damaged archive: zip members missing or corrupt
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{path}: the int8 export is truncated or unreadable ({reason})") from None
     model.eval()
     return model, {**meta, "backend": backend}

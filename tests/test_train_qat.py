@@ -313,6 +313,26 @@ def test_bad_weights_are_clear_errors(reference_run, small_data, tmp_path, extra
     assert message in err and "Traceback" not in err, err
 
 
+def test_truncated_or_missing_int8_export_is_one_clear_error(reference_run, small_data, tmp_path, capsys):
+    """run.eval_only on an export whose model_int8.pt was cut short (a copy or a full disk), or on a
+    directory without one: exit 1, one line naming the file and what is wrong, no traceback."""
+    export = tmp_path / "export"
+    shutil.copytree(reference_run / "export", export)
+    data = (export / quantize.EXPORT_FILE).read_bytes()
+    (export / quantize.EXPORT_FILE).write_bytes(data[:len(data) // 2])
+    (tmp_path / "empty").mkdir()
+    truncated = "the int8 export is truncated or unreadable"
+    for weights, message in ((export, f"{export / quantize.EXPORT_FILE}: {truncated}"),
+                             (export / quantize.EXPORT_FILE, truncated),
+                             (tmp_path / "empty", f"{tmp_path / 'empty'}: a directory without")):
+        argv = args(small_data, weights, tmp_path / "run", "run.eval_only=true")
+        with pytest.raises(SystemExit) as exc:
+            tq_script.launch(tq_script.Config, tq_script.main, tq_script.derived, argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and message in err, err
+        assert "Traceback" not in err and "checkpoint not found" not in err, err
+
+
 def test_configuration_errors_exit_2(small_data, tmp_path, capsys):
     argv = ["--recipe", str(RECIPE), "qat.backend=tensorrt", "model.name=mobilenet_v3_small"]
     with pytest.raises(SystemExit) as exc:
@@ -339,6 +359,8 @@ def test_recipes_load_and_state_the_published_numbers():
         ("qnnpack", 4, 3)
     ptq = load_config(tq_script.Config, ROOT / "recipes/qat/mobilenet_v3_large_ptq.yaml")
     assert ptq.qat.mode == "ptq" and (ptq.expected.acc1, ptq.expected.acc5) == (71.160, 89.834)
+    # the published rows: qnnpack for both (the blog compares them), the 2021 module's float SE gate
+    assert (ptq.qat.backend, ptq.qat.se_gate, qat.qat.se_gate) == ("qnnpack", "float", "float")
     assert tq_script.derived(qat, world_size=8, n_train=1_281_167)["optimizer_steps_per_epoch"] == 5005
     one = tq_script.derived(qat, world_size=1, n_train=1_281_167)  # one GPU: the published 256 images per step
     assert (one["accumulate"], one["global_batch"], one["lr"], one["optimizer_steps_per_epoch"]) == (8, 256, 0.001, 5005)

@@ -6,8 +6,10 @@ import contextlib
 import copy
 import io
 import json
+import math
 import shutil
 from collections import defaultdict
+from itertools import chain, repeat
 
 import numpy as np
 import pytest
@@ -48,10 +50,18 @@ def ref_quantize(aspect_ratios, k):  # group_by_aspect_ratio.create_aspect_ratio
     return [bisect.bisect_right(bins, y) for y in aspect_ratios]
 
 
-def ref_grouped_batches(sampler_order, group_ids, batch_size):  # group_by_aspect_ratio.GroupedBatchSampler
+def _repeat_to_at_least(iterable, n):  # group_by_aspect_ratio._repeat_to_at_least
+    repeat_times = math.ceil(n / len(iterable))
+    repeated = chain.from_iterable(repeat(iterable, repeat_times))
+    return list(repeated)
+
+
+def ref_grouped_batches(sampler, group_ids, batch_size):  # group_by_aspect_ratio.GroupedBatchSampler.__iter__
+    """The reference, line for line: its assert re-creates an emptied group's buffer at the end of the
+    defaultdict (which orders equal-sized leftovers), and leftovers are refilled by repetition."""
     buffer_per_group, samples_per_group = defaultdict(list), defaultdict(list)
     num_batches, out = 0, []
-    for idx in sampler_order:
+    for idx in sampler:
         group_id = group_ids[idx]
         buffer_per_group[group_id].append(idx)
         samples_per_group[group_id].append(idx)
@@ -59,16 +69,20 @@ def ref_grouped_batches(sampler_order, group_ids, batch_size):  # group_by_aspec
             out.append(buffer_per_group[group_id])
             num_batches += 1
             del buffer_per_group[group_id]
-    expected_num_batches = len(sampler_order) // batch_size
+        assert len(buffer_per_group[group_id]) < batch_size
+    expected_num_batches = len(sampler) // batch_size
     num_remaining = expected_num_batches - num_batches
     if num_remaining > 0:
         for group_id, _ in sorted(buffer_per_group.items(), key=lambda x: len(x[1]), reverse=True):
             remaining = batch_size - len(buffer_per_group[group_id])
-            buffer_per_group[group_id].extend(samples_per_group[group_id][:remaining])
+            samples_from_group_id = _repeat_to_at_least(samples_per_group[group_id], remaining)
+            buffer_per_group[group_id].extend(samples_from_group_id[:remaining])
+            assert len(buffer_per_group[group_id]) == batch_size
             out.append(buffer_per_group[group_id])
             num_remaining -= 1
             if num_remaining == 0:
                 break
+    assert num_remaining == 0
     return out
 
 
@@ -229,7 +243,7 @@ def test_loader_keeps_uint8_until_the_device(toy_data):
     loader.batch_sampler.set_epoch(0)
     images, targets = next(iter(loader))
     assert len(images) == 2 and all(im.dtype == torch.uint8 for im in images)
-    ratio = [im.shape[1] / im.shape[2] for im in images]
+    ratio = [im.shape[2] / im.shape[1] for im in images]  # width / height, as the reference's COCO path
     assert len(set(aspect_ratio_groups(ratio, 3))) == 1  # one aspect-ratio group per batch
     x, t = to_device(images, targets, torch.device("cpu"))
     assert x[0].dtype == torch.float32 and torch.equal(x[0], images[0].float() / 255)
