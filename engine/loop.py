@@ -473,7 +473,7 @@ class Loop:
 
         name = _signal.Signals(signum).name
         if evaluated:
-            where = f"during epoch {self.epoch}'s evaluation: its checkpoint"
+            where = f"at the end of epoch {self.epoch} (after its evaluation): its checkpoint"
         else:
             self._save(self.epoch - 1, {"epoch": self.epoch, "micro": self.micro}, None)
             where = f"at epoch {self.epoch}, optimizer step {self.step}/{self.steps_per_epoch}:"

@@ -217,6 +217,7 @@ def _fake_run(run_dir: Path, metric: str = "acc1", epochs: int = 5) -> None:
         checkpoint.save(checkpoint.new(state, epoch=e, optimizer={}), run_dir / "checkpoints" / f"epoch_{e:03d}.pt")
         rows.append({"epoch": e, metric: 50.0 + e, "acc5": 80.0 + e})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "config.yaml").write_text("model: {name: mobilenet_v3_large}\n")  # --eval: a classification run
 
 
 def _check_average(args: list[str], tmp_path: Path, monkeypatch) -> None:

@@ -61,8 +61,9 @@ def _wait_group(pgid: int, n: int, timeout: float = 60) -> None:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
+    try:  # the pipes' rest (read after the lines _until took: communicate() would skip what is buffered)
+        proc.wait(timeout=timeout)
+        return proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -95,7 +96,7 @@ def test_sigterm_to_the_process_group_during_validation_keeps_the_epoch(toy_data
     os.killpg(proc.pid, signal.SIGTERM)  # scancel / preemption: the main process and its loader workers
     stdout, stderr = _finish(proc)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "stopped by SIGTERM during epoch 0's evaluation" in stdout and "Traceback" not in stderr, stderr
+    assert "stopped by SIGTERM at the end of epoch 0 (after its evaluation)" in stdout and "Traceback" not in stderr, stderr
     state = torch.load(out / "checkpoints/last.pt", weights_only=True)
     assert state["epoch"] == 0 and state["position"] == {"epoch": 1, "micro": 0}
     assert (out / "checkpoints/epoch_000.pt").samefile(out / "checkpoints/last.pt")
@@ -108,6 +109,28 @@ def test_sigterm_to_the_process_group_during_validation_keeps_the_epoch(toy_data
     _same_weights(ref / "checkpoints/last.pt", out / "checkpoints/last.pt")
     assert [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait")} for r in _rows(out)] == \
         [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait")} for r in _rows(ref)]
+
+
+def test_detection_sigterm_to_the_process_group_during_validation_keeps_the_epoch(toy_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--recipe", ROOT / "recipes/toy/detection.yaml", f"data.root={toy_data / 'coco'}",
+            f"run.output_dir={out}", "model.backbone_weights=null", "model.min_size=128", "model.max_size=160",
+            "model.box_batch_size_per_image=32", "model.rpn_pre_nms_top_n_test=50", "model.rpn_post_nms_top_n_test=50",
+            "data.batch_size=4", "data.workers=1", "schedule.epochs=1", "train.draw_images=0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_detection.py"), *map(str, args)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _until(proc, "epoch 0: 5 optimizer steps done; evaluating")
+    _wait_group(proc.pid, 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM at the end of epoch 0 (after its evaluation)" in stdout
+    assert (out / "checkpoints/epoch_000.pt").samefile(out / "checkpoints/last.pt")
+    assert [r["epoch"] for r in _rows(out)] == [0] and (out / "detections/epoch_000.json").is_file()
+    resumed = run_in_process("train_detection.py", args, tmp_path)  # nothing left to train: the report
+    assert resumed.returncode == 0 and "all 1 epochs are done" in resumed.stdout, resumed.stderr
+    assert (out / "report.md").is_file()
 
 
 def test_every_loader_of_every_script_takes_the_signal_policy(toy_data):

@@ -31,6 +31,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+def _wait_for_epoch_1(out: Path, proc: subprocess.Popen) -> None:
+    """Until epoch 1 trains: its checkpoint, then epoch 0's row are written (a signal before the row
+    would stop the run at the end of epoch 0), and a moment for the step after."""
+    _wait_for(out / "metrics.jsonl", proc)
+    time.sleep(0.5)
+
+
 def _same_weights(a: Path, b: Path) -> None:
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
@@ -57,7 +64,7 @@ def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_bit_identical(toy_da
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_classification.py"),
                              *fast(toy_data / "imagenet", out, *extra)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "checkpoints/epoch_000.pt", proc)
+    _wait_for_epoch_1(out, proc)
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGUSR1, stderr
@@ -97,7 +104,7 @@ def test_sigterm_to_torchrun_two_gloo_processes_resumes_bit_identical(toy_data, 
     assert (derived["processes"], derived["accumulate"], derived["global_batch"]) == (2, 2, 128)
     proc = subprocess.Popen(torchrun(out, 29622), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "checkpoints/epoch_000.pt", proc)
+    _wait_for_epoch_1(out, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "stopped by SIGTERM at epoch" in stdout, stderr[-3000:]
