@@ -44,6 +44,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from data.classification import IMAGENET_MEAN, IMAGENET_STD, decode
+from engine.datacheck import size_mismatch
 from engine.errors import DataError
 from engine.seeding import sample_seed
 
@@ -399,6 +400,9 @@ class CocoVoc(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def paths(self) -> list[str]:
+        return [str(self.image_dir / name) for _, name, _, _ in self.images]
+
     def sizes(self) -> list[tuple[int, int]]:
         """(height, width) of each image as the annotation file states it."""
         return [(h, w) for _, _, h, w in self.images]
@@ -423,8 +427,7 @@ class CocoVoc(Dataset):
             raise DataError(f"{path}: image file not found (listed in {self.ann_file})")
         image = decode(str(path))
         if tuple(image.shape[1:]) != (h, w):
-            raise DataError(f"{path}: image is {image.shape[2]}x{image.shape[1]} (width x height) but "
-                            f"{self.ann_file} says {w}x{h}: the mask would not fit the image")
+            raise size_mismatch(path, tuple(image.shape[1:]), (h, w), self.ann_file)
         return image, self.mask(index)
 
     def __getitem__(self, key: tuple[int, int]):

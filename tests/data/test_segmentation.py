@@ -286,7 +286,7 @@ def test_bad_images_name_the_file(toy_data, tmp_path):
     _, name, h, w = ds.images[0]
     victim = root / "val2017" / name
     Image.new("RGB", (w + 3, h)).save(victim)
-    with pytest.raises(DataError, match=f"{victim}: image is {w + 3}x{h} .* says {w}x{h}"):
+    with pytest.raises(DataError, match=f"{victim}: the image is {w + 3} x {h} px .* says {w} x {h}"):
         ds[(0, 0)]
     victim.write_bytes((toy_data / "coco" / "val2017" / name).read_bytes()[:600])
     with pytest.raises(DataError, match=f"{victim}: unreadable or truncated JPEG image"):
