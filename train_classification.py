@@ -22,7 +22,7 @@ from data.classification import (BatchTransform, ClassificationDataConfig, build
                                  steps_per_epoch)
 from engine import distributed, rundir, seeding
 from engine.config import RunConfig
-from engine.datacheck import check_images
+from engine.datacheck import check_images, check_single_image_batch
 from engine.loop import (AMP_DTYPES, Accumulate, Loop, check_steps, launch, launch_world_size, plan_batch,
                          set_backends)
 from engine.metrics import evaluate_classifier
@@ -108,11 +108,19 @@ def main(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- data
     train_set, train_loader, val_set, val_loader = build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, dist,
-                                                                 train=not cfg.run.eval_only)
+                                                                 train=not cfg.run.eval_only,
+                                                                 check_val=not cfg.run.check_data)
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, channels_last).to(device)
     if cfg.run.check_data:
         check_images([p for ds in (train_set, val_set) if ds is not None for p, _ in ds.samples], decode,
                      cfg.data.workers, log)
+    per_process = -(-len(train_set) // dist.world_size) if train_set is not None else 0
+    if per_process % cfg.data.batch_size == 1:  # kept, as torchvision's reference keeps a short last batch
+        check_single_image_batch(
+            lambda: build_model(cfg), (3, cfg.data.crop_size, cfg.data.crop_size),
+            f"{train_set.split_dir}: {len(train_set)} images over {dist.world_size} process(es) in batches "
+            f"of data.batch_size {cfg.data.batch_size} leave a last batch of 1 image per process each epoch",
+            "choose a data.batch_size that leaves no short batch or one of 2 or more images")
 
     # ---------------------------------------------------------------- model
     model = build_model(cfg)

@@ -24,12 +24,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.utils import draw_bounding_boxes
 
 from data.classification import decode
-from data.detection import (STAT_NAMES, CocoDetection, DetectionDataConfig, coco_bbox_stats,
+from data.detection import (CocoDetection, DetectionDataConfig, bbox_metrics, coco_bbox_stats,
                             coco_ground_truth, detection_rows, gather_rows, make_eval_loader,
                             make_train_loader, read_annotations, split_paths, to_device, to_results)
 from engine import checkpoint, distributed, rundir, seeding
 from engine.config import RunConfig
-from engine.datacheck import check_images
+from engine.datacheck import check_images, check_val_images
 from engine.errors import DataError
 from engine.loop import (AMP_DTYPES, Accumulate, Loop, check_steps, launch, launch_world_size, plan_batch,
                          set_backends)
@@ -130,9 +130,10 @@ def main(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- data (every check before any write)
     train_set, train_loader, val_set, val_loader = build_data(cfg, dist, train=not cfg.run.eval_only)
-    if cfg.run.check_data:
-        check_images([p for ds in (train_set, val_set) if ds is not None for p in ds.paths()], decode,
-                     cfg.data.workers, log)
+    if cfg.run.check_data:  # decode every image and compare its size with the annotation file's
+        items = {p: (ds, i) for ds in (train_set, val_set) if ds is not None
+                 for i, p in enumerate(ds.paths())}
+        check_images(list(items), lambda path: items[path][0].load(items[path][1]), cfg.data.workers, log)
     gt = coco_ground_truth(val_set.ann_file) if dist.is_main else None
     draw_ids = list(val_loader.sampler)[:cfg.train.draw_images] if dist.is_main else []
 
@@ -145,7 +146,7 @@ def main(cfg: Config) -> dict:
         metrics, results, _ = evaluate(model, val_loader, val_set, gt, device, amp_dtype, dist)
         _write_detections(run.out_dir / "detections" / "eval.json", results, dist)
         log.info(f"eval {cfg.model.weights or '(no model.weights)'} on {metrics['val_images']} images: "
-                 f"box mAP {metrics['bbox_map']:.2f} (published {_fmt(cfg.expected.bbox_map)})")
+                 f"box mAP {_fmt(metrics['bbox_map'], 2)} (published {_fmt(cfg.expected.bbox_map)})")
         run.write_eval({"weights": cfg.model.weights, **metrics})
         return metrics
 
@@ -178,7 +179,7 @@ def main(cfg: Config) -> dict:
         _write_detections(run.out_dir / "detections" / f"epoch_{epoch:03d}.json", results, dist)
         run.log.images(epoch, drawn)
         published = _fmt(cfg.expected.bbox_map)
-        log.info(f"epoch {epoch}: box mAP {metrics['bbox_map']:.2f} (published {published}) "
+        log.info(f"epoch {epoch}: box mAP {_fmt(metrics['bbox_map'], 2)} (published {published}) "
                  f"loss {stats['train_loss']:.4f} lr {stats['lr']:.5g} {stats['images_per_s']:.1f} img/s "
                  f"data-wait {100 * stats['data_wait']:.0f}%")
         loop.end_epoch(epoch, metrics, stats)
@@ -191,7 +192,8 @@ def main(cfg: Config) -> dict:
 
 def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
     """(train_set, train_loader, val_set, val_loader); the train pair is (None, None) when not training.
-    Every annotation file and image folder is checked here, before the run writes anything."""
+    Every annotation file and image folder, and the val images' headers and sizes, are checked here,
+    before the run writes anything."""
     d, pin = cfg.data, dist.device.type == "cuda"
     val_set = CocoDetection(d.root, "val", train=False, hflip=0.0, seed=cfg.run.seed, box_margin=d.box_margin)
     val_loader = make_eval_loader(val_set, dist.rank, dist.world_size, d.workers, pin)
@@ -206,6 +208,8 @@ def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
         if too_big:
             raise DataError(f"{ds.ann_file}: category ids {too_big[:5]} do not fit model.num_classes "
                             f"{cfg.model.num_classes} (labels are COCO category ids; 91 covers COCO's 1..90)")
+    if not cfg.run.check_data:  # --check-data decodes them all, and lists the training set's problems too
+        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file, decode, d.workers, dist)
     return train_set, train_loader, val_set, val_loader
 
 
@@ -239,8 +243,8 @@ def build_optimizer_and_schedule(cfg: Config, model: torch.nn.Module, plan):
     return optimizer, EpochSchedule(cfg.schedule, optimizer, lr_scale=plan.lr_scale)
 
 
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f}"
+def _fmt(v: float | None, decimals: int = 1) -> str:
+    return "n/a" if v is None else f"{v:.{decimals}f}"
 
 
 def _write_detections(path: Path, results: list[dict] | None, dist: distributed.DistState) -> None:
@@ -291,9 +295,7 @@ def evaluate(model, loader, dataset: CocoDetection, gt, device, amp_dtype, dist:
         results = to_results(all_rows)
         stats = coco_bbox_stats(gt, results)
     stats = distributed.all_gather_object(stats, dist)[0]
-    metrics = {"bbox_map": 100.0 * stats[0], "bbox_stats": stats, "val_images": n_images,
-               **{f"bbox_{k}": 100.0 * v for k, v in zip(STAT_NAMES[1:6], stats[1:6]) if v >= 0}}
-    return metrics, results, drawn
+    return {**bbox_metrics(stats), "val_images": n_images}, results, drawn
 
 
 def draw_predictions(image: torch.Tensor, output: dict, categories: dict[int, str],

@@ -23,14 +23,14 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler
 
-from data.classification import BatchTransform, EpochSampler, make_loader
+from data.classification import BatchTransform, EpochSampler, decode, make_loader
 from data.segmentation import (IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, CocoVoc, EvalTransform,
                                SegmentationDataConfig, SizeGroupedBatches, TrainTransform, cached_image_count,
                                overlay)
 from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.confusion import confusion_matrix, segmentation_scores
-from engine.datacheck import check_images
+from engine.datacheck import check_images, check_single_image_batch, check_val_images
 from engine.loop import (AMP_DTYPES, Accumulate, EpochBatches, Loop, check_steps, launch, launch_world_size,
                          plan_batch, set_backends)
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
@@ -131,6 +131,12 @@ def main(cfg: Config) -> dict:
         items = {str(ds.image_dir / im[1]): (ds, i) for ds in (train_set, val_set) if ds is not None
                  for i, im in enumerate(ds.images)}
         check_images(list(items), lambda path: items[path][0].load(items[path][1]), cfg.data.workers, log)
+    if train_set is not None and cfg.data.batch_size == 1:  # the last short batch is dropped: only this
+        check_single_image_batch(
+            lambda: build_model(dataclasses.replace(cfg.model, weights=None), backbone=False),
+            (3, cfg.data.crop_size, cfg.data.crop_size),
+            "data.batch_size 1: every training batch holds 1 image per process",
+            "choose data.batch_size 2 or more (the published runs use 4 per process)")
     draw_ids = [i for b in val_loader.batch_sampler for _, i in b][:cfg.train.draw_images] if dist.is_main else []
 
     # ---------------------------------------------------------------- model
@@ -183,7 +189,8 @@ def main(cfg: Config) -> dict:
 
 
 def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
-    """(train_set, train_loader, val_set, val_loader); the train pair is (None, None) when not training."""
+    """(train_set, train_loader, val_set, val_loader); the train pair is (None, None) when not training.
+    The val images' headers and sizes are checked here, before training (engine.datacheck)."""
     d, pin = cfg.data, dist.device.type == "cuda"
     val_set = CocoVoc(d.root, "val", EvalTransform(d.eval_size), cfg.run.seed, d.cache_dir())
     val_batches = SizeGroupedBatches(val_set.sizes(), d.eval_size, d.eval_batch_size, dist.rank, dist.world_size)
@@ -196,6 +203,8 @@ def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
         # drop_last, as the reference's training loader: every optimizer step sees a full batch
         train_loader = make_loader(train_set, EpochBatches(batch_sampler=BatchSampler(sampler, d.batch_size, True)),
                                    d.workers, pin)
+    if not cfg.run.check_data:  # --check-data decodes them all, and lists the training set's problems too
+        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file, decode, d.workers, dist)
     return train_set, train_loader, val_set, val_loader
 
 

@@ -29,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision import transforms as V1
 from torchvision.transforms import v2 as T
 
+from engine.datacheck import check_val_images
 from engine.errors import DataError  # noqa: F401  (re-exported: the scripts' data errors)
 from engine.preemption import data_loader
 from engine.seeding import sample_seed
@@ -108,13 +109,23 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"RIFF": "WebP", b"GIF8": "GIF"}
 
 
-def decode(path: str) -> torch.Tensor:
-    """File -> uint8 RGB tensor (C, H, W); a clear DataError naming the file if it is not an image.
-    16-bit PNGs keep their 8 most significant bits (what an 8-bit export of the image holds)."""
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor, read by Python (torchvision's read_file cannot open a name that
+    is not valid UTF-8, which Linux file systems allow: Python keeps such bytes as surrogate escapes)."""
     try:
-        data = io.read_file(path)
-    except (RuntimeError, OSError) as exc:
-        raise DataError(f"{path}: cannot read the file ({exc})") from None
+        with open(path, "rb") as fh:
+            data = bytearray(fh.read())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def decode(path: str) -> torch.Tensor:
+    """File -> uint8 RGB tensor (C, H, W); a clear DataError naming the file if it is not a still image.
+    16-bit PNGs keep their 8 most significant bits (what an 8-bit export of the image holds)."""
+    data = read_bytes(path)
+    if data.numel() == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
     try:
         image = io.decode_image(data, mode=io.ImageReadMode.RGB)
     except RuntimeError as exc:
@@ -125,6 +136,9 @@ def decode(path: str) -> torch.Tensor:
                             "WebP or GIF signature)") from None
         reason = str(exc).strip().splitlines()[0].split(", ")[-1]
         raise DataError(f"{path}: unreadable or truncated {kind} image ({reason})") from None
+    if image.ndim != 3:  # an animated GIF: (frames, C, H, W)
+        raise DataError(f"{path}: an animated GIF of {image.shape[0]} frames; expected a still image "
+                        "(save one frame as a JPEG or PNG)")
     if image.dtype != torch.uint8:
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
@@ -282,10 +296,13 @@ def make_loader(dataset: ImageFolder, batches: Sampler, workers: int, pin_memory
                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
 
-def build_loaders(cfg: ClassificationDataConfig, num_classes: int, seed: int, dist, train: bool = True):
+def build_loaders(cfg: ClassificationDataConfig, num_classes: int, seed: int, dist, train: bool = True,
+                  check_val: bool = True):
     """(train_set, train_loader, val_set, val_loader) of data.root's ImageFolder; the train pair is
     (None, None) when not training. The train loader's batches are engine.loop.EpochBatches (resumable
-    mid-epoch); evaluation shards without padding, so every image is counted once."""
+    mid-epoch); evaluation shards without padding, so every image is counted once. The val images'
+    headers are checked here (engine.datacheck.check_val_images), so a bad one stops the run before
+    training, not after an epoch; `check_val` False leaves them to --check-data's full decode."""
     from engine.loop import EpochBatches
 
     root = Path(cfg.root)
@@ -297,11 +314,18 @@ def build_loaders(cfg: ClassificationDataConfig, num_classes: int, seed: int, di
     if train:
         train_set = ImageFolder(root / "train", TrainTransform(cfg), seed, train=True)
         if train_set.classes != val_set.classes:
-            raise DataError(f"{root}: train/ and val/ have different class folders")
+            train_c, val_c = set(train_set.classes), set(val_set.classes)
+            only = {"train": sorted(train_c - val_c), "val": sorted(val_c - train_c)}
+            raise DataError(f"{root}: train/ and val/ have different class folders (labels are the sorted "
+                            "folder names, so they must be the same): "
+                            + "; ".join(f"only in {k}/: {', '.join(v[:10])}" + (" ..." if len(v) > 10 else "")
+                                        for k, v in only.items() if v))
         sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, seed, True)
         train_loader = make_loader(train_set, EpochBatches(sampler, cfg.batch_size), cfg.workers, pin)
     if len(val_set.classes) > num_classes:
         raise DataError(f"{root}: {len(val_set.classes)} classes on disk but model.num_classes is {num_classes}")
+    if check_val:
+        check_val_images([p for p, _ in val_set.samples], None, None, decode, cfg.workers, dist)
     return train_set, train_loader, val_set, val_loader
 
 

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 
@@ -37,6 +37,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from data.classification import decode
+from engine.datacheck import size_mismatch
 from engine.errors import DataError
 from engine.loop import EpochBatches
 from engine.preemption import data_loader
@@ -121,7 +122,9 @@ def read_annotations(path: str | Path, box_margin: float = 1.0) -> Annotations:
     except (KeyError, TypeError, ValueError) as exc:
         raise _not_coco(path, f"an entry lacks or mistypes {exc}") from None
     if len(images) != len(doc["images"]):
-        raise _not_coco(path, "duplicate image ids")
+        twice = sorted(i for i, n in Counter(int(im["id"]) for im in doc["images"]).items() if n > 1)
+        raise DataError(f"{path}: 'images' lists image id{'s' if len(twice) > 1 else ''} "
+                        f"{', '.join(map(str, twice[:10]))} more than once (each image must be listed once)")
 
     per_image: dict[int, list] = defaultdict(list)
     problems: list[str] = []
@@ -196,6 +199,10 @@ class CocoDetection(Dataset):
         if not self.indices:
             raise DataError(f"{self.ann_file}: no image has a usable annotation (a box wider and taller "
                             "than 1 px)")
+        if not train and not any(len(b) for b in self.ann.boxes):  # COCOeval would report -1 ("no data")
+            raise DataError(f"{self.ann_file}: the validation set has no annotations (no box that is not "
+                            "iscrowd), so its box mAP is undefined; expected the instances file of the "
+                            "validation images with their ground-truth boxes")
         self.train, self.hflip, self.seed = train, hflip, seed
 
     def __len__(self) -> int:
@@ -207,6 +214,19 @@ class CocoDetection(Dataset):
     def image_id(self, i: int) -> int:
         return self.ann.image_ids[self.indices[i]]
 
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each item, as the annotation file states it."""
+        return [self.ann.sizes[j] for j in self.indices]
+
+    def load(self, i: int) -> torch.Tensor:
+        """Item i's image, decoded (uint8 (3, H, W)) and checked against the annotation file's size."""
+        j = self.indices[i]
+        path = self.image_dir / self.ann.files[j]
+        image = decode(str(path))
+        if tuple(image.shape[1:]) != self.ann.sizes[j]:
+            raise size_mismatch(path, tuple(image.shape[1:]), self.ann.sizes[j], self.ann_file)
+        return image
+
     def aspect_ratios(self) -> list[float]:
         """width / height of each item, from the annotation file (no image is opened): the reference's
         COCO path (_compute_aspect_ratios_coco_dataset). The bins are symmetric around 1, so only images
@@ -216,12 +236,8 @@ class CocoDetection(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         j = self.indices[i]
-        path = self.image_dir / self.ann.files[j]
-        image = decode(str(path))
+        image = self.load(i)
         h, w = self.ann.sizes[j]
-        if tuple(image.shape[1:]) != (h, w):
-            raise DataError(f"{path}: the image is {image.shape[2]} x {image.shape[1]} px but "
-                            f"{self.ann_file} says {w} x {h}")
         boxes = torch.from_numpy(self.ann.boxes[j])
         if self.train and self.hflip > 0:
             coin = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
@@ -362,6 +378,15 @@ def to_results(rows: np.ndarray) -> list[dict]:
     """COCO results format: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]."""
     return [{"image_id": int(r[0]), "category_id": int(r[6]), "bbox": [float(v) for v in r[1:5]],
              "score": float(r[5])} for r in rows]
+
+
+def bbox_metrics(stats: Sequence[float]) -> dict:
+    """The detection entries of a metrics row from the twelve stats, in percent. COCOeval's "no data"
+    sentinel (-1: no ground truth in that area range) becomes None (JSON null), never a number."""
+    defined = [None if v < 0 else float(v) for v in stats]
+    percent = [None if v is None else 100.0 * v for v in defined]
+    return {"bbox_map": percent[0], "bbox_stats": defined,
+            **{f"bbox_{k}": v for k, v in zip(STAT_NAMES[1:6], percent[1:6])}}
 
 
 def _quiet(*args, **kwargs) -> None:

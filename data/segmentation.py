@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -43,6 +44,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from data.classification import IMAGENET_MEAN, IMAGENET_STD, decode
+from engine.datacheck import size_mismatch
 from engine.errors import DataError
 from engine.seeding import sample_seed
 
@@ -136,6 +138,76 @@ def voc_annotations(annotations: list[dict]) -> list[dict]:
     """Keep the VOC categories; category_id becomes the VOC class 1..20 (copies, input untouched)."""
     index = {cat: i for i, cat in enumerate(CAT_LIST)}
     return [{**a, "category_id": index[a["category_id"]]} for a in annotations if a.get("category_id") in index]
+
+
+def check_annotations(doc: dict, ann_file: Path) -> None:
+    """What the conversion reads, checked up front (a loader worker would otherwise fail on it mid-epoch):
+    each image's id, file_name, height and width, each id listed once; each VOC-category annotation's id,
+    image_id (listed in 'images'), area, and segmentation (polygons of at least 3 points, or an RLE of
+    the image's size). One DataError names the file and every bad image or annotation (the first 5)."""
+    problems: list[str] = []
+    sizes: dict = {}
+    counts: Counter = Counter()
+    for k, im in enumerate(doc["images"]):
+        if not isinstance(im, dict):
+            problems.append(f"images[{k}] is not an object")
+            continue
+        where = f"image {im['id']} ({im.get('file_name')})" if "id" in im else f"images[{k}]"
+        if "id" in im:
+            counts[im["id"]] += 1
+        missing = [key for key in ("id", "file_name", "height", "width") if key not in im]
+        h, w = im.get("height"), im.get("width")
+        if missing:
+            problems.append(f"{where} has no {', '.join(map(repr, missing))}")
+        elif not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+            problems.append(f"{where}: height {h!r} and width {w!r} are not positive integers")
+        else:
+            sizes[im["id"]] = (h, w)
+    problems += [f"image id {i} is listed {n} times in 'images'" for i, n in counts.items() if n > 1]
+    voc = set(CAT_LIST[1:])
+    for k, a in enumerate(doc["annotations"]):
+        if not isinstance(a, dict):
+            problems.append(f"annotations[{k}] is not an object")
+            continue
+        if a.get("category_id") not in voc:
+            continue  # dropped by the conversion, never read
+        where = f"annotation {a.get('id', f'annotations[{k}]')} (image {a.get('image_id')})"
+        missing = [key for key in ("id", "image_id", "area", "segmentation") if key not in a]
+        if missing:
+            problems.append(f"{where} has no {', '.join(map(repr, missing))}")
+        elif a["image_id"] not in sizes and a["image_id"] not in counts:
+            problems.append(f"{where}: its image_id is not in 'images'")
+        elif not isinstance(a["area"], (int, float)) or isinstance(a["area"], bool):
+            problems.append(f"{where}: area {a['area']!r} is not a number")
+        elif a["image_id"] in sizes:
+            why = _segmentation_problem(a["segmentation"], sizes[a["image_id"]])
+            if why:
+                problems.append(f"{where}: {why}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        plural = "s" if len(problems) > 1 else ""
+        raise DataError(f"{ann_file}: {len(problems)} problem{plural} with its images or annotations:\n  "
+                        + "\n  ".join(problems[:5]) + more)
+
+
+def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
+    """Why pycocotools cannot rasterise `seg`, or None. (frPyObjects fails on a polygon of 1 point, and on
+    one of 2, whose 4 numbers it takes for a box; one of an odd length silently gives an empty mask.)"""
+    if isinstance(seg, dict):
+        if "counts" not in seg or seg.get("size") != list(size):
+            return (f"RLE segmentation with size {seg.get('size')!r} and {'' if 'counts' in seg else 'no '}"
+                    f"'counts'; expected the image's size {list(size)} (height, width)")
+        return None
+    if not isinstance(seg, list) or not seg:
+        return f"segmentation {str(seg)[:40]!r} is neither a list of polygons nor an RLE object"
+    for j, poly in enumerate(seg):
+        if not isinstance(poly, list):
+            return (f"polygon {j} is a {type(poly).__name__}; expected a list of polygons "
+                    "[[x1, y1, x2, y2, x3, y3, ...], ...]")
+        if len(poly) < 6 or len(poly) % 2:
+            return (f"polygon {j} has {len(poly)} coordinates; expected x, y pairs of at least 3 points "
+                    "([x1, y1, x2, y2, x3, y3, ...])")
+    return None
 
 
 def keep_for_training(voc_anns: list[dict]) -> bool:
@@ -306,6 +378,7 @@ class CocoVoc(Dataset):
         self.image_dir, self.ann_file = split_files(root, split)
         self.split, self.train, self.transform, self.seed = split, split == "train", transform, seed
         doc, key = read_annotations(self.ann_file)
+        check_annotations(doc, self.ann_file)
         by_image: dict[int, list[dict]] = {}
         for a in voc_annotations(doc["annotations"]):
             by_image.setdefault(a["image_id"], []).append(
@@ -328,6 +401,9 @@ class CocoVoc(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def paths(self) -> list[str]:
+        return [str(self.image_dir / name) for _, name, _, _ in self.images]
 
     def sizes(self) -> list[tuple[int, int]]:
         """(height, width) of each image as the annotation file states it."""
@@ -353,8 +429,7 @@ class CocoVoc(Dataset):
             raise DataError(f"{path}: image file not found (listed in {self.ann_file})")
         image = decode(str(path))
         if tuple(image.shape[1:]) != (h, w):
-            raise DataError(f"{path}: image is {image.shape[2]}x{image.shape[1]} (width x height) but "
-                            f"{self.ann_file} says {w}x{h}: the mask would not fit the image")
+            raise size_mismatch(path, tuple(image.shape[1:]), (h, w), self.ann_file)
         return image, self.mask(index)
 
     def __getitem__(self, key: tuple[int, int]):

@@ -531,10 +531,17 @@ def launch(cls: type, main: Callable[[Any], Any], derived: Callable[[Any], dict]
     except Preempted:
         raise
     except (UserError, FileNotFoundError, ValueError, KeyError) as exc:
-        message = str(exc).strip().strip("'\"")
-        if "Original Traceback" in message:  # raised in a loader worker: keep the worker's own message
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        message = str(exc).strip()
+        if "Original Traceback" in message:  # raised in a loader worker: keep the worker's whole error
+            # "Type: text" and every line after it, which follow the last traceback's (indented) frames
+            lines = message.splitlines()
+            tb = max(i for i, line in enumerate(lines) if line.endswith("Traceback (most recent call last):"))
+            start = next((i for i in range(tb + 1, len(lines)) if not lines[i][:1].isspace()), len(lines) - 1)
+            message = "\n".join([lines[start].split(": ", 1)[-1], *lines[start + 1:]]).strip()
+        if isinstance(exc, KeyError):  # str(KeyError("k")) is "'k'"; other messages may end in a quote
+            message = message.strip("'\"")
+        # a file name that is not UTF-8 holds surrogate escapes: shown as \udcXX whatever the stream's errors
+        print(f"{prog}: error: {message.encode(errors='backslashreplace').decode()}", file=sys.stderr)
         sys.exit(1)
     finally:
         distributed.shutdown()

@@ -135,6 +135,71 @@ def test_bad_data_is_a_clear_error(toy_data, tmp_path, damage, message):
     assert "Traceback" not in proc.stderr
 
 
+def _animated_gif(path: Path) -> None:
+    from PIL import Image
+
+    frames = [Image.new("RGB", (80, 60), (60 * i, 90, 0)) for i in range(3)]
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:])
+
+
+def test_bad_val_images_are_found_before_training(toy_data, tmp_path):
+    """A truncated val JPEG and an animated GIF named .jpg: refused at start (header and end read), not
+    after a training epoch that is then lost."""
+    root = _copy_tree(toy_data / "imagenet", tmp_path / "data")
+    truncated = root / "val/n00000002_triangle/triangle_val_0004.jpg"
+    gif = root / "val/n00000005_checker/moving.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:1500])
+    _animated_gif(gif)
+    proc = run_in_process("train_classification.py", fast(root, tmp_path / "run", "schedule.epochs=1"),
+                          tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == (
+        f"train_classification.py: error: the validation set: 2 of 101 images cannot be used:\n"
+        f"  {truncated}: unreadable or truncated JPEG image (Image is incomplete or truncated)\n"
+        f"  {gif}: an animated GIF of 3 frames; expected a still image (save one frame as a JPEG or PNG)\n")
+    assert "epoch 0" not in proc.stdout and not (tmp_path / "run/checkpoints").exists()
+
+
+def test_check_data_refuses_an_animated_gif_named_jpg(toy_data, tmp_path):
+    root = _copy_tree(toy_data / "imagenet", tmp_path / "data")
+    gif = root / "train/n00000001_square/moving.jpg"
+    _animated_gif(gif)
+    proc = run_in_process("train_classification.py",
+                          ["--check-data", *fast(root, tmp_path / "run", "schedule.epochs=1")], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"--check-data: 1 of 501 images cannot be used:\n  {gif}: an animated GIF of 3 frames" \
+        in proc.stderr, proc.stderr[-2000:]
+
+
+def test_train_and_val_class_folders_that_differ_are_named(toy_data, tmp_path):
+    root = _copy_tree(toy_data / "imagenet", tmp_path / "data")
+    (root / "val/n00000009_diamond").rename(root / "val/n00000009_rhombus")
+    proc = run_in_process("train_classification.py", fast(root, tmp_path / "run"), tmp_path)
+    assert proc.returncode == 1
+    assert (f"{root}: train/ and val/ have different class folders (labels are the sorted folder names, so "
+            "they must be the same): only in train/: n00000009_diamond; only in val/: n00000009_rhombus") \
+        in proc.stderr, proc.stderr
+
+
+def test_a_last_batch_of_one_image_that_batchnorm_cannot_train_is_refused(toy_data, tmp_path):
+    """13 images in batches of 3: the last batch of each epoch holds 1 image, which torchvision's reference
+    keeps (no drop_last) and which MobileNetV3 at 32 px cannot train on (BatchNorm over a 1 x 1 map)."""
+    root = _copy_tree(toy_data / "imagenet", tmp_path / "data")
+    for k, folder in enumerate(sorted((root / "train").iterdir())):
+        for image in sorted(folder.iterdir())[1 + (k < 3):]:
+            image.unlink()
+    proc = run_in_process("train_classification.py", fast(root, tmp_path / "run", "data.batch_size=3"),
+                          tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"error: {root / 'train'}: 13 images over 1 process(es) in batches of data.batch_size 3 leave a "
+            "last batch of 1 image per process each epoch, and the model cannot train on one image (its "
+            "BatchNorm needs more than one value per channel: Expected more than 1 value per channel when "
+            "training") in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith("choose a data.batch_size that leaves no short batch or one of 2 or "
+                                         "more images")
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path):
     out = tmp_path / "run"
     assert run_script(fast(toy_data / "imagenet", out, "schedule.epochs=1"), tmp_path).returncode == 0

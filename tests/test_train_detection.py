@@ -263,6 +263,9 @@ def test_run_directory_contract(reference, small):
                 "loss_objectness", "loss_rpn_box_reg"} <= set(r)
         assert len(r["bbox_stats"]) == 12 and r["bbox_map"] == 100 * r["bbox_stats"][0]
         assert r["val_images"] == 8
+        # the toy val set has no large object: COCOeval's -1 ("no data") is written as null, never as a number
+        assert r["bbox_stats"][5] is None and r["bbox_stats"][11] is None and r["bbox_APl"] is None
+        assert all(v is None or 0 <= v <= 1 for v in r["bbox_stats"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.pt", "epoch_001.pt",
                                                                        "last.pt"]
     assert sorted(p.name for p in (out / "detections").iterdir()) == ["epoch_000.json", "epoch_001.json"]
@@ -301,6 +304,13 @@ def _torchvision_detections(data: Path, state: dict) -> list[dict]:
     return results
 
 
+def assert_same_stats(pycocotools_stats: list[float], logged: list, atol: float) -> None:
+    """pycocotools' twelve stats against a logged bbox_stats: -1 ("no data") is logged as null."""
+    assert [v is None for v in logged] == [v == -1 for v in pycocotools_stats]
+    np.testing.assert_allclose([v for v in pycocotools_stats if v != -1],
+                               [v for v in logged if v is not None], rtol=0, atol=atol)
+
+
 def _pycocotools(ann_file: Path, results: list[dict]) -> list[float]:
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
@@ -318,8 +328,7 @@ def test_checkpoint_in_torchvision_scored_by_pycocotools_gives_the_logged_map(re
     ann_file = data / "annotations/instances_val2017.json"
     ours = json.loads((out / "detections/epoch_001.json").read_text())
     # faster-coco-eval (logged) and pycocotools agree on the script's own detections file
-    np.testing.assert_allclose(_pycocotools(ann_file, json.loads(json.dumps(ours))), logged["bbox_stats"],
-                               rtol=0, atol=1e-12)
+    assert_same_stats(_pycocotools(ann_file, json.loads(json.dumps(ours))), logged["bbox_stats"], atol=1e-12)
     tv = _torchvision_detections(data, torch.load(out / "checkpoints/last.pt", weights_only=True)["model"])
     assert len(tv) == len(ours) == 8 * 100
     for a, b in zip(tv, ours):
@@ -331,7 +340,7 @@ def test_checkpoint_in_torchvision_scored_by_pycocotools_gives_the_logged_map(re
     assert len({round(d["score"], 9) for d in tv}) > 100 and len({d["category_id"] for d in tv}) > 3
     assert np.ptp(np.array([d["bbox"] for d in tv]), axis=0).min() > 10
     stats = _pycocotools(ann_file, tv)
-    np.testing.assert_allclose(stats, logged["bbox_stats"], rtol=0, atol=1e-6)
+    assert_same_stats(stats, logged["bbox_stats"], atol=1e-6)
     assert 100 * stats[0] == pytest.approx(logged["bbox_map"], abs=1e-4)
 
 
@@ -400,7 +409,9 @@ def test_two_processes_evaluate_each_image_once_and_gather_to_rank_0(reference, 
     ev = json.loads((out / "eval.json").read_text())
     logged = rows(ref_out)[-1]
     assert ev["val_images"] == 8 and "(published 32.8)" in proc.stdout
-    np.testing.assert_allclose(ev["bbox_stats"], logged["bbox_stats"], rtol=0, atol=1e-6)
+    assert [v is None for v in ev["bbox_stats"]] == [v is None for v in logged["bbox_stats"]]
+    np.testing.assert_allclose([v for v in ev["bbox_stats"] if v is not None],
+                               [v for v in logged["bbox_stats"] if v is not None], rtol=0, atol=1e-6)
     ours = json.loads((out / "detections/eval.json").read_text())
     ref = json.loads((ref_out / "detections/epoch_001.json").read_text())
     assert [(d["image_id"], d["category_id"]) for d in ours] == \
@@ -436,14 +447,29 @@ def _damage(small, tmp_path, what):
         ann.write_text(json.dumps(doc))
         return root, (f"{ann}: 1 bad annotation:\n  annotation {doc['annotations'][0]['id']}: "
                       "bbox [x, y, w, h] = [500.0, 10.0, 20.0, 20.0] lies outside its image")
+    if what == "no_val_annotations":  # COCOeval's mAP would be its "no data" sentinel, -1 (logged -100.0)
+        ann.write_text(json.dumps({**doc, "annotations": []}))
+        return root, (f"{ann}: the validation set has no annotations (no box that is not iscrowd), so its "
+                      "box mAP is undefined")
+    if what == "train_size_mismatch":  # --check-data compares every decoded size with the annotation file's
+        train_ann = root / "annotations/instances_train2017.json"
+        image = json.loads(train_ann.read_text())["images"][2]
+        path = root / "train2017" / image["file_name"]
+        Image.new("RGB", (image["width"], image["height"] + 2)).save(path)
+        return root, (f"--check-data: 1 of 16 images cannot be used:\n  {path}: the image is "
+                      f"{image['width']} x {image['height'] + 2} px (width x height) but {train_ann} says "
+                      f"{image['width']} x "
+                      f"{image['height']}")
     if what == "not_coco":
         ann.write_text(json.dumps({"annotations": []}))
         return root, f"{ann}: not a COCO instances file (no 'images', 'categories' list; expected a JSON"
+    if what == "no_damage":
+        return root, None
     raise AssertionError(what)
 
 
 @pytest.mark.parametrize("what", ["missing_annotations", "missing_folder", "missing_image", "corrupt_image",
-                                  "box_outside", "not_coco"])
+                                  "box_outside", "not_coco", "no_val_annotations", "train_size_mismatch"])
 def test_bad_input_is_one_message_naming_the_file_and_nothing_is_written(small, tmp_path, capsys, what):
     root, message = _damage(small, tmp_path, what)
     out = tmp_path / "run"
@@ -453,6 +479,26 @@ def test_bad_input_is_one_message_naming_the_file_and_nothing_is_written(small, 
     assert exc.value.code == 1 and message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
     assert not out.exists() or [p.name for p in out.iterdir()] in ([], ["run.lock"])  # the lock only
+
+
+def test_val_images_are_checked_before_training(small, tmp_path, capsys):
+    """Without --check-data: a val image whose real size is not the annotation file's stops the run at
+    start (its header is read), not after a training epoch that is then lost."""
+    root, _ = _damage(small, tmp_path, "no_damage")
+    ann = root / "annotations/instances_val2017.json"
+    image = json.loads(ann.read_text())["images"][3]
+    victim = root / "val2017" / image["file_name"]
+    Image.new("RGB", (image["width"] + 5, image["height"])).save(victim)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        launch(td.Config, td.main, td.derived, argv=fast(root, out, "null"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert err.endswith(f"error: the validation set: 1 of 8 images cannot be used:\n  {victim}: the image "
+                        f"is {image['width'] + 5} x {image['height']} px (width x height) but {ann} says "
+                        f"{image['width']} x {image['height']}: its boxes and masks would not fit the "
+                        "image\n"), err
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")

@@ -272,15 +272,29 @@ def _damaged_copy(toy_data, tmp_path, damage):
             a["category_id"] = 13  # stop sign: not a VOC category
         ann.write_text(json.dumps(doc))
         return root, f"{ann}: no annotation of a VOC category"
+    if damage == "no_height":  # was "error: segmentation"-like: a bare KeyError naming no file
+        image = doc["images"][0]
+        del image["height"]
+        ann.write_text(json.dumps(doc))
+        return root, (f"{ann}: 1 problem with its images or annotations:\n  image {image['id']} "
+                      f"({image['file_name']}) has no 'height'")
+    if damage == "polygon_two_points":
+        a = next(a for a in doc["annotations"] if a["category_id"] in VOC_IDS and not a["iscrowd"])
+        a["segmentation"] = [a["segmentation"][0][:4]]
+        ann.write_text(json.dumps(doc))
+        return root, (f"{ann}: 1 problem with its images or annotations:\n  annotation {a['id']} (image "
+                      f"{a['image_id']}): polygon 0 has 4 coordinates; expected x, y pairs of at least 3 "
+                      "points")
     if damage == "size_mismatch":
         w, h = Image.open(victim).size
         Image.open(victim).resize((w + 4, h)).save(victim)
-        return root, f"{victim}: image is {w + 4}x{h} (width x height) but {ann} says {w}x{h}"
+        return root, f"{victim}: the image is {w + 4} x {h} px (width x height) but {ann} says {w} x {h}"
     victim.write_bytes(victim.read_bytes()[:500])  # undecodable
     return root, f"{victim}: unreadable or truncated JPEG image"
 
 
-@pytest.mark.parametrize("damage", ["missing_annotations", "no_voc_category", "size_mismatch", "undecodable"])
+@pytest.mark.parametrize("damage", ["missing_annotations", "no_voc_category", "size_mismatch", "undecodable",
+                                    "no_height", "polygon_two_points"])
 def test_bad_input_is_one_message_naming_the_file(toy_data, tmp_path, capsys, damage, one_thread):
     root, message = _damaged_copy(toy_data, tmp_path, damage)
     with pytest.raises(SystemExit) as exc:
@@ -289,6 +303,35 @@ def test_bad_input_is_one_message_naming_the_file(toy_data, tmp_path, capsys, da
     err = capsys.readouterr().err
     assert exc.value.code == 1 and message in err, err
     assert "Traceback" not in err
+
+
+def test_bad_val_image_and_untrainable_batch_of_one_are_refused_before_training(toy_data, tmp_path, capsys,
+                                                                                one_thread):
+    """Without --check-data: a truncated val image is found at start (header and end read), not after a
+    training epoch; DeepLabV3 with batches of 1 image (its ASPP pooling branch has BatchNorm over a 1 x 1
+    map) is refused before the first step."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(toy_data / "coco", root / "coco")
+    victim = sorted((root / "coco/val2017").iterdir())[2]
+    victim.write_bytes(victim.read_bytes()[:700])
+    for extra, message in (
+            ([], f"error: the validation set: 1 of 8 images cannot be used:\n  {victim}: unreadable or "
+                 "truncated JPEG image (Image is incomplete or truncated)\n"),
+            (["model.name=deeplabv3_mobilenet_v3_large", "data.batch_size=1", "run.global_batch=null"],
+             "error: data.batch_size 1: every training batch holds 1 image per process, and the model cannot "
+             "train on one image (its BatchNorm needs more than one value per channel: Expected more than 1 "
+             "value per channel when training, got input size torch.Size([1, 256, 1, 1])); choose "
+             "data.batch_size 2 or more (the published runs use 4 per process)\n")):
+        if extra:
+            shutil.copy(toy_data / "coco/val2017" / victim.name, victim)
+        out = tmp_path / f"run{len(extra)}"
+        with pytest.raises(SystemExit) as exc:
+            launch(ts.Config, ts.main, ts.derived, argv=fast(root, out, "schedule.epochs=1", *extra))
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and err.endswith(message), err
+        assert not (out / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -133,3 +133,43 @@ def test_same_draws_as_the_reference_pil_pipeline(toy_data):
         diffs.append((a - b).abs().mean().item())
     # measured: <= 0.02 grey levels mean difference; a different crop/flip/op would differ by tens
     assert max(diffs) < 0.5, diffs
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def test_file_names_that_are_not_utf8_are_read_in_loader_workers(toy_data, tmp_path):
+    """Linux allows any bytes in a name; Python keeps the ones that are not UTF-8 as surrogate escapes,
+    which torchvision's read_file refused (and a worker's error then lost the path)."""
+    import os
+    import shutil
+
+    from data.classification import decode
+
+    split = tmp_path / "val"
+    shutil.copytree(toy_data / "imagenet/val/n00000000_circle", split / "n00000000_circle")
+    src = split / "n00000000_circle/circle_val_0000.jpg"
+    odd = os.fsdecode(bytes(split / "n00000000_circle") + b"/circ\xffle.jpg")
+    os.rename(src, odd)
+    ds = ImageFolder(split, eval_transform(_cfg(split.parent)), seed=0, train=False)
+    assert odd in [p for p, _ in ds.samples]
+    loader = torch.utils.data.DataLoader(ds, batch_size=len(ds), num_workers=1,
+                                         sampler=[(0, i) for i in range(len(ds))])
+    images, _ = next(iter(loader))
+    expected = decode(str(toy_data / "imagenet/val/n00000000_circle/circle_val_0000.jpg"))
+    assert torch.equal(images[[p for p, _ in ds.samples].index(odd)], ds.transform(expected))
+
+
+def test_an_animated_gif_is_refused_naming_the_file(tmp_path):
+    from PIL import Image
+
+    from data.classification import DataError, decode
+
+    frames = [Image.new("RGB", (30, 20), (60 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "still.gif")
+    frames[0].save(tmp_path / "moving.jpg", format="GIF", save_all=True, append_images=frames[1:])
+    assert decode(str(tmp_path / "still.gif")).shape == (3, 20, 30)
+    with pytest.raises(DataError) as err:
+        decode(str(tmp_path / "moving.jpg"))
+    assert str(err.value) == (f"{tmp_path / 'moving.jpg'}: an animated GIF of 3 frames; expected a still "
+                              "image (save one frame as a JPEG or PNG)")

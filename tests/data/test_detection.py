@@ -322,6 +322,8 @@ def test_missing_files_are_named(toy_data, tmp_path):
     (lambda d: [d], "not a COCO instances file (the top level is a list"),
     (lambda d: {"images": d["images"]}, "not a COCO instances file (no 'annotations', 'categories' list"),
     (lambda d: {**d, "images": [{"id": 1}]}, "instances file (an entry lacks or mistypes 'file_name'"),
+    (lambda d: {**d, "images": d["images"] + [d["images"][3]]},
+     "'images' lists image id 1003 more than once (each image must be listed once)"),
     (lambda d: {**d, "annotations": d["annotations"] + [{**d["annotations"][0], "id": 999, "image_id": 77}]},
      "1 bad annotation:\n  annotation 999 refers to image 77, which 'images' does not list"),
     (lambda d: {**d, "annotations": [{**d["annotations"][0], "bbox": [300.0, 10.0, 50.0, 40.0]}]},
@@ -351,5 +353,6 @@ def test_missing_corrupt_and_mismatched_images_are_named(toy_data, tmp_path):
     with pytest.raises(DataError, match=f"{victim}: unreadable or truncated"):
         ds[1]
     Image.new("RGB", (33, 44)).save(victim)
-    with pytest.raises(DataError, match=rf"{victim}: the image is 33 x 44 px but .*val2017.json says"):
+    with pytest.raises(DataError, match=rf"{victim}: the image is 33 x 44 px \(width x height\) but "
+                                        r".*val2017.json says 200 x 160"):
         ds[1]

@@ -236,6 +236,47 @@ def test_bad_annotation_files_name_the_file(tmp_path):
         CocoVoc(tmp_path, "train", None, 0, tmp_path / "cache")
 
 
+def _edit_first(key, value):
+    """An edit of the toy val file: the first annotation's (or image's) `key` set to `value` (None: gone)."""
+    def edit(doc):
+        entry = doc["images" if key in ("height", "width") else "annotations"][0]
+        entry.pop(key) if value is None else entry.update({key: value})
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_edit_first("segmentation", [[10.0, 10.0, 40.0, 40.0]]),  # 2 points: pycocotools reads a box, fails
+     "annotation 68 (image 5000): polygon 0 has 4 coordinates; expected x, y pairs of at least 3 points"),
+    (_edit_first("segmentation", [[10.0, 10.0]]),  # 1 point: pycocotools raised "input type is not supported"
+     "annotation 68 (image 5000): polygon 0 has 2 coordinates; expected x, y pairs of at least 3 points"),
+    (_edit_first("segmentation", [[10.0, 10.0, 40.0, 40.0, 10.0]]),  # odd: an empty mask, silently
+     "annotation 68 (image 5000): polygon 0 has 5 coordinates"),
+    (_edit_first("segmentation", None), "annotation 68 (image 5000) has no 'segmentation'"),
+    (_edit_first("segmentation", {"counts": [0, 5], "size": [10, 10]}),
+     "annotation 68 (image 5000): RLE segmentation with size [10, 10] and 'counts'; expected the image's "
+     "size [160, 202] (height, width)"),
+    (_edit_first("height", None), "image 5000 (000000005000.jpg) has no 'height'"),
+    (_edit_first("width", "202"),
+     "image 5000 (000000005000.jpg): height 160 and width '202' are not positive integers"),
+    (lambda doc: doc["images"].append(dict(doc["images"][1])), "image id 5001 is listed 2 times in 'images'"),
+    (lambda doc: doc["annotations"].append({**doc["annotations"][0], "id": 999, "image_id": 77}),
+     "annotation 999 (image 77): its image_id is not in 'images'"),
+])
+def test_bad_annotations_are_refused_naming_file_image_and_annotation(toy_data, tmp_path, edit, message):
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(toy_data / "coco", root)
+    path = root / "annotations/instances_val2017.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError) as err:
+        CocoVoc(root, "val", EvalTransform(64), 0, tmp_path / "cache")
+    assert str(err.value).startswith(f"{path}: 1 problem with its images or annotations:\n  {message}"), \
+        str(err.value)
+
+
 def test_bad_images_name_the_file(toy_data, tmp_path):
     import shutil
 
@@ -245,7 +286,7 @@ def test_bad_images_name_the_file(toy_data, tmp_path):
     _, name, h, w = ds.images[0]
     victim = root / "val2017" / name
     Image.new("RGB", (w + 3, h)).save(victim)
-    with pytest.raises(DataError, match=f"{victim}: image is {w + 3}x{h} .* says {w}x{h}"):
+    with pytest.raises(DataError, match=f"{victim}: the image is {w + 3} x {h} px .* says {w} x {h}"):
         ds[(0, 0)]
     victim.write_bytes((toy_data / "coco" / "val2017" / name).read_bytes()[:600])
     with pytest.raises(DataError, match=f"{victim}: unreadable or truncated JPEG image"):

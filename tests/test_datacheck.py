@@ -1,0 +1,86 @@
+"""engine/datacheck.py: the header-and-end check of the validation set against a full decode (the oracle:
+torchvision's decoder, which the loaders use), and the batch-of-one check against a real forward pass."""
+
+import glob
+import shutil
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.classification import decode
+from engine.datacheck import check_single_image_batch, check_val_images, image_size
+from engine.distributed import DistState
+from engine.errors import DataError
+from models import build
+
+
+def _counting(calls):
+    def counted(path):
+        calls.append(path)
+        return decode(path)
+    return counted
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
+def test_image_size_reads_the_header_and_decodes_only_what_looks_incomplete(tmp_path, fmt):
+    path = tmp_path / f"image.{fmt.lower()}"
+    pixels = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    whole = path.read_bytes()
+    calls = []
+    assert image_size(str(path), _counting(calls)) == (50, 70)
+    assert len(calls) == (fmt == "GIF")  # a GIF's frames must be counted: decoded
+    path.write_bytes(whole + b"\0" * 300)  # bytes after the end marker: decoded, and fine
+    assert image_size(str(path), _counting(calls)) == (50, 70)
+    path.write_bytes(whole[:len(whole) * 2 // 3])
+    with pytest.raises(DataError, match=f"{path}: unreadable or truncated {fmt[0]}"):
+        image_size(str(path), decode)
+
+
+def test_image_size_is_the_decoded_size_on_the_toy_data_without_decoding(toy_data):
+    paths = sorted(glob.glob(str(toy_data / "*/*/*.jpg")) + glob.glob(str(toy_data / "imagenet/*/*/*.jpg")))
+    calls = []
+    assert len(paths) == 532
+    for p in paths[::7]:
+        assert image_size(p, _counting(calls)) == tuple(decode(p).shape[1:]), p
+    assert calls == []
+
+
+def test_val_check_lists_every_problem_with_the_file_and_the_size_it_expected(toy_data, tmp_path):
+    shutil.copytree(toy_data / "coco/val2017", tmp_path / "val")
+    paths = sorted(str(p) for p in (tmp_path / "val").iterdir())
+    sizes = [tuple(decode(p).shape[1:]) for p in paths]
+    check_val_images(paths, sizes, "ann.json", decode, 2, DistState())
+    Path(paths[1]).write_bytes(Path(paths[1]).read_bytes()[:900])
+    h, w = sizes[4]
+    Image.new("RGB", (w + 1, h)).save(paths[4], format="JPEG")
+    with pytest.raises(DataError) as err:
+        check_val_images(paths, sizes, "ann.json", decode, 2, DistState())
+    assert str(err.value) == (
+        f"the validation set: 2 of 8 images cannot be used:\n"
+        f"  {paths[1]}: unreadable or truncated JPEG image (Image is incomplete or truncated)\n"
+        f"  {paths[4]}: the image is {w + 1} x {h} px (width x height) but ann.json says {w} x {h}: its "
+        "boxes and masks would not fit the image")
+
+
+def test_a_batch_of_one_is_refused_only_where_the_model_cannot_train_on_it():
+    small = partial(build, "mobilenet_v3_small", num_classes=10, width_mult=0.5)
+    for crop, fails in ((32, True), (64, False)):
+        torch.manual_seed(0)
+        try:  # the oracle: a real forward pass in training mode
+            small().train()(torch.rand(1, 3, crop, crop))
+            real = False
+        except ValueError:
+            real = True
+        assert real == fails
+        if fails:
+            with pytest.raises(DataError, match=r"^X, and the model cannot train on one image \(its "
+                                                r"BatchNorm needs more than one value per channel: "
+                                                r"Expected more .*\); Y$"):
+                check_single_image_batch(small, (3, crop, crop), "X", "Y")
+        else:
+            check_single_image_batch(small, (3, crop, crop), "X", "Y")
