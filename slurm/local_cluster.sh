@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# A real one-node SLURM on this machine, for the tests in tests/test_slurm_real.py (CI runs it from
+# .ci/run; a contributor runs it by hand). Needs root: it installs slurm-wlm and munge with apt-get
+# when they are missing, writes /etc/slurm/slurm.conf (one node: this host at 127.0.0.1, CPUs = nproc),
+# keeps state, spool, pid and log files under $SLURM_DIR, and starts munged, slurmctld and slurmd.
+#
+#   bash slurm/local_cluster.sh start    # idempotent: a running cluster is left as it is
+#   bash slurm/local_cluster.sh status   # sinfo, and exit 1 when the node is not up
+#   bash slurm/local_cluster.sh stop
+set -euo pipefail
+DIR="${SLURM_DIR:-/tmp/mbv3-slurm}"
+CONF=/etc/slurm/slurm.conf
+MARK="# written by slurm/local_cluster.sh"
+NODE="$(hostname -s 2>/dev/null || echo localhost)"
+WAIT_S="${SLURM_WAIT_S:-60}"
+
+die() { echo "local_cluster.sh: $*" >&2; exit 1; }
+
+logs() {
+  for f in "$DIR"/munged.log "$DIR"/slurmctld.log "$DIR"/slurmd.log; do
+    [ -f "$f" ] && { echo "--- $f (last 30 lines)"; tail -n 30 "$f"; }
+  done >&2
+}
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+node_idle() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)$'; }
+
+install() {
+  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+    && command -v munged >/dev/null && return
+  [ "$(id -u)" = 0 ] || die "slurm-wlm and munge are not installed, and installing them needs root"
+  echo "installing slurm-wlm and munge (apt-get)"
+  # No service may start from the packages' scripts (no init system here; this script starts them).
+  local policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  local ok=0
+  apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null && ok=1
+  if [ "$ok" = 0 ]; then
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null && ok=1
+  fi
+  [ -n "$policy" ] && rm -f "$policy"
+  [ "$ok" = 1 ] || die "apt-get install slurm-wlm munge failed"
+}
+
+write_conf() {
+  if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
+    die "$CONF exists and was not written by this script; refusing to replace a real cluster's configuration"
+  fi
+  local cpus mem
+  cpus="$(nproc)"
+  mem="$(awk '/^MemAvailable:/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)"  # MiB, below what is free
+  mkdir -p /etc/slurm "$DIR/state" "$DIR/spool"
+  cat > "$CONF.tmp" <<EOF
+$MARK: a one-node test cluster
+ClusterName=mbv3
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SwitchType=switch/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+GresTypes=gpu
+JobRequeue=1
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+MessageTimeout=10
+InactiveLimit=0
+MinJobAge=300
+KillWait=30
+Waittime=0
+SchedulerParameters=sched_interval=2
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/slurmctld.log
+SlurmdLogFile=$DIR/slurmd.log
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+EOF
+  mv "$CONF.tmp" "$CONF"
+}
+
+start_munge() {
+  [ -s /etc/munge/munge.key ] || {
+    if command -v mungekey >/dev/null; then mungekey --create --force; else
+      dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; fi
+  }
+  chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
+  mkdir -p /run/munge && chown munge:munge /run/munge
+  if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then return; fi
+  mkdir -p "$DIR/munge" && chown munge:munge "$DIR/munge" && chmod 700 "$DIR/munge"
+  runuser -u munge -- munged --log-file="$DIR/munge/munged.log" --pid-file="$DIR/munge/munged.pid" \
+    || { tail -n 20 "$DIR/munge/munged.log" >&2 2>/dev/null; die "munged did not start"; }
+  ln -sf "$DIR/munge/munged.log" "$DIR/munged.log"
+}
+
+start() {
+  install
+  if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && node_idle; then
+    echo "SLURM is already running: node $NODE is up"; return
+  fi
+  mkdir -p "$DIR"
+  write_conf
+  start_munge
+  alive "$DIR/slurmctld.pid" || slurmctld || { logs; die "slurmctld did not start"; }
+  alive "$DIR/slurmd.pid" || slurmd || { logs; die "slurmd did not start"; }
+  local t0=$SECONDS
+  until node_idle; do
+    if (( SECONDS - t0 > WAIT_S )); then
+      sinfo -N >&2 || true
+      logs
+      die "node $NODE did not become idle within ${WAIT_S}s (logs above; state in $DIR)"
+    fi
+    # A node left down or drained by an earlier run (its state is kept in $DIR/state) is resumed.
+    if sinfo -h -N -n "$NODE" -o %T 2>/dev/null | grep -qE '^(down|drain)'; then
+      scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true
+    fi
+    sleep 1
+  done
+  echo "SLURM is up: node $NODE idle ($(nproc) CPUs) after $((SECONDS - t0)) s; state and logs in $DIR"
+}
+
+stop() {
+  local f pid
+  for f in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
+    alive "$f" || continue
+    pid="$(cat "$f")"
+    kill "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  done
+  echo "SLURM stopped (state and logs kept in $DIR)"
+}
+
+status() {
+  sinfo -N 2>/dev/null || { echo "slurmctld is not answering" >&2; exit 1; }
+  node_idle || { echo "node $NODE is not up" >&2; exit 1; }
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) die "usage: $0 start|stop|status" ;;
+esac
