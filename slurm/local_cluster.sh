@@ -54,15 +54,20 @@ write_conf() {
   fi
   local cpus mem
   cpus="$(nproc)"
-  mem="$(awk '/^MemAvailable:/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)"  # MiB, below what is free
+  # Half the memory in whole GiB (MiB): below what is free, and the same on every start. No job asks for
+  # memory here, so the figure only has to be one slurmd accepts.
+  mem="$(awk '/^MemTotal:/ {print int($2 / 1048576 / 2) * 1024}' /proc/meminfo)"
   mkdir -p /etc/slurm "$DIR/state" "$DIR/spool"
-  cat > "$CONF.tmp" <<EOF
+  cat > "$CONF.new" <<EOF
 $MARK: a one-node test cluster
 ClusterName=mbv3
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s;
+# tests/test_slurm_real.py counts on 10 s)
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -94,7 +99,6 @@ SlurmdLogFile=$DIR/slurmd.log
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
-  mv "$CONF.tmp" "$CONF"
 }
 
 start_munge() {
@@ -113,11 +117,20 @@ start_munge() {
 
 start() {
   install
-  if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && node_idle; then
-    echo "SLURM is already running: node $NODE is up"; return
-  fi
   mkdir -p "$DIR"
   write_conf
+  if cmp -s "$CONF.new" "$CONF"; then
+    rm "$CONF.new"
+    if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && node_idle; then
+      echo "SLURM is already running: node $NODE is up"; return
+    fi
+  else
+    if alive "$DIR/slurmctld.pid" || alive "$DIR/slurmd.pid"; then
+      echo "$CONF changed: restarting slurmctld and slurmd (queued jobs are kept in $DIR/state)"
+      stop_slurm
+    fi
+    mv "$CONF.new" "$CONF"
+  fi
   start_munge
   alive "$DIR/slurmctld.pid" || slurmctld || { logs; die "slurmctld did not start"; }
   alive "$DIR/slurmd.pid" || slurmd || { logs; die "slurmd did not start"; }
@@ -137,15 +150,22 @@ start() {
   echo "SLURM is up: node $NODE idle ($(nproc) CPUs) after $((SECONDS - t0)) s; state and logs in $DIR"
 }
 
-stop() {
+kill_pidfiles() {
   local f pid
-  for f in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
+  for f in "$@"; do
     alive "$f" || continue
     pid="$(cat "$f")"
     kill "$pid"
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
   done
+}
+
+stop_slurm() { kill_pidfiles "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; }
+
+stop() {
+  stop_slurm
+  kill_pidfiles "$DIR/munge/munged.pid"
   echo "SLURM stopped (state and logs kept in $DIR)"
 }
 
