@@ -19,8 +19,8 @@ from tests.conftest import ROOT
 from tests.test_train_classification import fast as fast_classification
 from tests.test_train_segmentation import fast as fast_segmentation
 
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                           "LOCAL_RANK")}, "OMP_NUM_THREADS": "1"}
+LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by each launch
+ENV = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}, "OMP_NUM_THREADS": "1"}
 PROBE = ("import json, torch.distributed as td; from engine import distributed; s = distributed.init('cpu'); "
          "ranks = [None, None]; td.all_gather_object(ranks, s.rank); "
          "print(json.dumps([s.rank, s.world_size, s.local_rank, str(s.device), s.is_main, ranks]))")
@@ -32,14 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*launch: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-            *launch]
-
-
 def one_node(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(torchrun("--nproc_per_node=2", *argv), capture_output=True, text=True, cwd=cwd, env=ENV,
-                          timeout=600)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={free_port()}", *argv]
+    proc = subprocess.run(launch, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

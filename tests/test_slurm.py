@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
+from tests.test_multinode import LAUNCH_VARS
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # fake srun: the tasks of node 2 of 2 (global ranks 2 and 3 of 4), each running the command with srun's
@@ -45,14 +46,13 @@ def test_launch_logic_on_two_hosts(tmp_path):
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARS, "OMP_NUM_THREADS")}
     env.update({"PATH": f"{bin_dir}:{env['PATH']}", "PYTHON": sys.executable, "PYTHONPATH": str(ROOT),
                 "SLURM_JOB_ID": "123457", "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_JOB_NUM_NODES": "2",
                 "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "12",
                 "SLURM_RESTART_COUNT": "3"})
-    proc = subprocess.run(["bash", str(ROOT / "slurm/launch.sh"), "-c", PROBE], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=120)
+    proc = subprocess.run(["bash", str(ROOT / "slurm/launch.sh"), "-c", PROBE], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     port = 20000 + 123457 % 20000
