@@ -24,7 +24,7 @@ logs() {
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-node_idle() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)$'; }
+node_up() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)$'; }
 
 install() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
@@ -117,11 +117,12 @@ start_munge() {
 
 start() {
   install
+  [ "$(id -u)" = 0 ] || die "starting the daemons and writing $CONF needs root (sudo bash $0 start)"
   mkdir -p "$DIR"
   write_conf
   if cmp -s "$CONF.new" "$CONF"; then
     rm "$CONF.new"
-    if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && node_idle; then
+    if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && node_up; then
       echo "SLURM is already running: node $NODE is up"; return
     fi
   else
@@ -135,7 +136,7 @@ start() {
   alive "$DIR/slurmctld.pid" || slurmctld || { logs; die "slurmctld did not start"; }
   alive "$DIR/slurmd.pid" || slurmd || { logs; die "slurmd did not start"; }
   local t0=$SECONDS
-  until node_idle; do
+  until node_up; do
     if (( SECONDS - t0 > WAIT_S )); then
       sinfo -N >&2 || true
       logs
@@ -171,7 +172,7 @@ stop() {
 
 status() {
   sinfo -N 2>/dev/null || { echo "slurmctld is not answering" >&2; exit 1; }
-  node_idle || { echo "node $NODE is not up" >&2; exit 1; }
+  node_up || { echo "node $NODE is not up" >&2; exit 1; }
 }
 
 case "${1:-}" in
