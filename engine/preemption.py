@@ -85,8 +85,11 @@ class Preemption:
         return int(flag.item())
 
     def restore(self) -> None:
+        """The previous handlers, except that a default SIGUSR1 becomes ignored: the run is over, and SLURM's
+        time-limit warning arriving while the process exits would otherwise kill it (a finished job FAILED)."""
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            usr1 = s == getattr(signal, "SIGUSR1", None)
+            signal.signal(s, signal.SIG_IGN if usr1 and handler == signal.SIG_DFL else handler)
         self._previous = {}
 
 
