@@ -149,7 +149,7 @@ def main(cfg: Config) -> dict:
 
     train = not cfg.run.eval_only
     train_set, train_loader, val_set, val_loader = build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, dist,
-                                                                 train=train)
+                                                                 train=train, check_val=not cfg.run.check_data)
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, cfg.train.channels_last).to(device)
     cpu_tf = BatchTransform(cfg.data.mean, cfg.data.std, False)
     if cfg.run.check_data:

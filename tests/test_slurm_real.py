@@ -221,8 +221,6 @@ def test_requeued_job_log_says_which_restart_and_where_it_resumed(requeued):
     assert "stopped by" not in sections[-1] and "resumed from" in sections[-1]
 
 
-@pytest.mark.xfail(strict=False, reason="needs the faults-engine branch: a validation loader worker dies on "
-                   "scancel's SIGTERM and ends the run with a DataLoader error before its checkpoint")
 def test_scancel_during_validation_leaves_a_checkpoint_that_resumes_exactly(short_run, toy_data, tmp_path):
     # scancel sends SIGTERM to every process of the job (the ranks, their loader workers, srun), SIGKILL 30 s
     # (KillWait) later
