@@ -28,7 +28,23 @@ SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), si
 
 def ignore_in_worker(worker_id: int) -> None:
     for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, signal.SIG_IGN)  # a signal pending since the fork is discarded here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+class _Loader(DataLoader):
+    """Workers are started with the signals blocked, so that one arriving before `ignore_in_worker` runs
+    (torch's worker first installs a SIGTERM handler that exits) waits, and is then ignored; the main
+    process gets it as soon as the workers exist."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            return super()._get_iterator()  # forks or spawns the workers; they inherit the mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def data_loader(dataset, **kwargs) -> DataLoader:
@@ -36,12 +52,12 @@ def data_loader(dataset, **kwargs) -> DataLoader:
     The one way the engine, data/ and the scripts build a loader, training and evaluation alike."""
     if kwargs.get("worker_init_fn") is not None:
         raise TypeError("data_loader sets worker_init_fn itself (the workers' signal policy)")
-    return DataLoader(dataset, worker_init_fn=ignore_in_worker, **kwargs)
+    return _Loader(dataset, worker_init_fn=ignore_in_worker, **kwargs)
 
 
 def covers(loader: DataLoader) -> bool:
     """Whether `loader` was built by data_loader (or has no workers to protect)."""
-    return loader.num_workers == 0 or loader.worker_init_fn is ignore_in_worker
+    return loader.num_workers == 0 or isinstance(loader, _Loader)
 
 
 def _kill_children_at_exit() -> None:

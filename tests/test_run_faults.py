@@ -149,7 +149,7 @@ def test_every_loader_of_every_script_takes_the_signal_policy(toy_data):
                           [f"data.root={toy_data / root}", "data.workers=1"])
         loaders += module.build_data(cfg, dist)[1::2]
     assert len(loaders) == 6 and all(ld.num_workers == 1 for ld in loaders)
-    assert all(ld.worker_init_fn is preemption.ignore_in_worker for ld in loaders)
+    assert all(ld.worker_init_fn is preemption.ignore_in_worker and preemption.covers(ld) for ld in loaders)
     with pytest.raises(TypeError, match="sets worker_init_fn itself"):
         preemption.data_loader(range(3), worker_init_fn=print)
 
