@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint
-from engine.report import write_run_report
+from reproduce.report import write_run_report
 from engine.runlog import improved, read_metrics
 
 RULES = ("last-improved", "top", "last")

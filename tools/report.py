@@ -10,7 +10,7 @@ row, segmentation and its low-res table); a published row with no run yet says s
 placed by the recipe on its command line (env.json), else by its task and published values; runs
 of no published row (toy runs) come last. Each run contributes its last epoch, the epoch its
 published row measures, its eval-only result and each checkpoint-averaging row, one line each; the
-verdict is given on the line the published number measures (engine/report.py explains the rule
+verdict is given on the line the published number measures (reproduce/report.py explains the rule
 and the tolerance). --plot draws measured against published (matplotlib).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.report import (PUBLISHED, TABLES, TASK_METRICS, TOLERANCE_TEXT, RunSummary,  # noqa: E402
+from reproduce.report import (PUBLISHED, TABLES, TASK_METRICS, TOLERANCE_TEXT, RunSummary,  # noqa: E402
                            comparison_rows, match_row, recipe_key, summarize)
 
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "eval.json")

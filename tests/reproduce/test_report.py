@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import report as rp
+from reproduce import report as rp
 from tests.conftest import ROOT
 from tools import report as tool
 
@@ -415,3 +415,17 @@ def test_a_torn_metrics_line_is_skipped_and_said(tmp_path):
         fh.write('{"epoch": 600, "acc1": 7')                            # killed mid-write
     s = rp.summarize(run)
     assert s.status == "within ±0.2" and "metrics.jsonl: 1 unreadable line(s) skipped" in s.notes
+
+
+def test_engine_does_not_import_the_report_layer():
+    """engine/ keeps what training needs: the report, the tables and the launcher (reproduce/) sit above the
+    scripts, which hand the report to their run directory."""
+    import ast
+
+    for path in sorted((ROOT / "engine").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] == "reproduce"], path
+    for script in ("train_classification.py", "train_detection.py", "train_qat.py", "train_segmentation.py"):
+        assert "report=write_run_report)" in (ROOT / script).read_text(), script
