@@ -12,7 +12,9 @@ derived rows such as `{"row": "checkpoint averaging", ...}`) and eval.json (eval
 Which measurement a published number is compared with is a fact of the published row, not of
 the run: the released classification weights are an average of checkpoints (`averaged`), the
 tuning-table rows 1-4 are last epochs (`last`), torchvision's low-res detector is the epoch-23
-checkpoint of a 26-epoch run (`epoch 23`), and so on (`PublishedRow.measure`). A run is matched
+checkpoint of a 26-epoch run (`epoch 23`), and so on (`PublishedRow.measure`, reproduce/published.py);
+a row that evaluates another row's weights again (the blog's 23.0 before RPN tuning, the low-res
+segmentation rows) measures that row's checkpoint (`weights_of`). A run is matched
 to its published row by the recipe path on its command line (env.json `argv`), else by its task
 and its recipe's published values.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -132,7 +135,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
     planned = _num((config.get("schedule") or {}).get("epochs"))
     compared, pending = _pick(lines, row, planned)
     summary = RunSummary(run_dir, task, recipe, row, expected, lines, compared, "", pending, notes, [])
-    summary.notes += _comparability(config, env, argv, lines, planned)
+    summary.notes += _comparability(config, env, argv, lines, planned, row, ev.get("weights"))
     summary.status = _status(summary)
     summary.provenance = _provenance(run_dir, config, env, argv, recipe, lines, planned)
     return summary
@@ -177,14 +180,19 @@ def _measure_epoch(row: PublishedRow | None) -> int | None:
     return None
 
 
-def measure_text(measure: str) -> str:
+def measure_text(measure: str, row: PublishedRow | None = None) -> str:
     if measure == "averaged":
-        return "averaged weights (average_checkpoints.py --eval: the last 3 checkpoints that improved Acc@1)"
-    if measure == "last":
-        return "the last epoch"
-    if measure == "final":
-        return "the final evaluation (an eval-only run, else the last epoch)"
-    return f"{measure} (0-based, as in metrics.jsonl; a shorter run stands in with its last epoch)"
+        text = "averaged weights (average_checkpoints.py --eval: the last 3 checkpoints that improved Acc@1)"
+    elif measure == "last":
+        text = "the last epoch"
+    elif measure == "final":
+        text = "the final evaluation (an eval-only run, else the last epoch)"
+    else:
+        text = f"{measure} (0-based, as in metrics.jsonl; a shorter run stands in with its last epoch)"
+    if row is not None and row.weights_of:
+        text = (f"the weights of the row \"{row.weights_of}\", {text}, evaluated again with "
+                + " ".join(f"`{v}`" for v in row.variant) + " (an eval-only run of that checkpoint)")
+    return text
 
 
 def averaging_command(run_dir: Path) -> str:
@@ -234,8 +242,14 @@ def _status(s: RunSummary) -> str:
     return head.verdict
 
 
-def _comparability(config: dict, env: dict, argv: list[str], lines: list[Line], planned: float | None) -> list[str]:
+def _comparability(config: dict, env: dict, argv: list[str], lines: list[Line], planned: float | None,
+                   row: PublishedRow | None = None, weights: str | None = None) -> list[str]:
     notes = []
+    evaluated = re.search(r"epoch_(\d+)\.pt$", str(weights or ""))
+    if row is not None and row.measure.startswith("epoch ") and evaluated \
+            and int(evaluated.group(1)) != int(row.measure.split()[1]):
+        notes.append(f"evaluated {Path(str(weights)).name}; the published number is of the {row.measure} "
+                     "checkpoint")
     run_cfg, train = config.get("run") or {}, config.get("train") or {}
     derived = env.get("derived") or {}
     batch = (config.get("data") or {}).get("batch_size")
@@ -255,7 +269,8 @@ def _comparability(config: dict, env: dict, argv: list[str], lines: list[Line], 
     if train.get("tf32") is True and str(env.get("device", "")).startswith("cuda"):
         notes.append("train.tf32=true: convolutions and matmuls ran in TF32 on this GPU, not in the published "
                      "runs' fp32")
-    changed = [o for o in _overrides(argv) if o.split("=", 1)[0] not in NEUTRAL_OVERRIDES]
+    changed = [o for o in _overrides(argv) if o.split("=", 1)[0] not in NEUTRAL_OVERRIDES
+               and not o.startswith("expected.") and (row is None or o not in row.variant)]
     if changed:
         notes.append("command-line overrides that change the recipe: " + " ".join(f"`{o}`" for o in changed))
     epochs = [line.epoch for line in lines if line.kind == "last"]
@@ -315,8 +330,8 @@ def render(s: RunSummary) -> str:
     out.append(f"**Verdict: {s.status}**" + _status_detail(s))
     out.append("")
     if s.row is not None:
-        out += [f"The published number is of {measure_text(s.row.measure)}; the line marked (compared) is the "
-                "one it is compared with.", ""]
+        out += [f"The published number is of {measure_text(s.row.measure, s.row)}; the line marked (compared) "
+                "is the one it is compared with.", ""]
     out.append("| measured on | metric | measured | published | difference | verdict |")
     out.append("|---|---|---:|---:|---:|---|")
     for line in s.lines:

@@ -35,7 +35,42 @@ HEADER = ("| published row | recipe | metric | published | run | measured on | m
 
 
 class ReportError(Exception):
-    pass
+    status = 1
+
+
+class UsageError(ReportError):
+    status = 2  # a bad option value, as argparse's own errors
+
+
+MARKDOWN = (".md", ".markdown", ".txt")
+
+
+def check_outputs(out: Path | None, plot: Path | None) -> None:
+    """Refuse an --out or --plot that cannot be written, before any run is read."""
+    for option, path in (("--out", out), ("--plot", plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UsageError(f"{option} {path}: is a directory; give a file name")
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise UsageError(f"{option} {path}: {blocker} is a file, not a directory")
+    if out is not None and out.suffix.lower() not in MARKDOWN:
+        raise UsageError(f"--out {out}: the report is Markdown; expected a file ending in {', '.join(MARKDOWN)}")
+    if plot is not None:
+        formats = plot_formats()
+        if plot.suffix.lower().lstrip(".") not in formats:
+            raise UsageError(f"--plot {plot}: unknown image format {plot.suffix or '(no suffix)'}; expected one of "
+                             + ", ".join(f".{f}" for f in formats))
+
+
+def plot_formats() -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
 
 
 def find_runs(paths: list[Path], depth: int = 3) -> list[Path]:
@@ -231,6 +266,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--out", type=Path, help="also write the Markdown to this file")
     ap.add_argument("--plot", type=Path, metavar="FILE", help="draw measured against published (PNG, SVG, PDF)")
     args = ap.parse_args(argv)
+    check_outputs(args.out, args.plot)
     summaries = [summarize(run) for run in find_runs(args.runs)]
     text = "# Reproduction report\n\n" + table(summaries) + "\n" + comparisons_table()
     print(text, end="")
@@ -249,4 +285,4 @@ if __name__ == "__main__":
         main()
     except ReportError as exc:
         print(f"report.py: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.status)

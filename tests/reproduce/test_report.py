@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reproduce import published
 from reproduce import report as rp
 from tests.conftest import ROOT
 from tools import report as tool
@@ -166,6 +167,36 @@ def test_detection_low_res_compares_epoch_23_high_res_the_last(tmp_path):
                        config={"schedule": {"epochs": 26}, "expected": {"bbox_map": 22.8}},
                        rows=[{"epoch": 10, "bbox_map": 15.0}])
     assert rp.summarize(running).pending == "epoch 23 not reached yet"
+
+
+def test_the_23_0_row_measures_the_epoch_23_checkpoint_as_the_22_8_row(tmp_path):
+    """The blog's before/after RPN tuning rows are one model, torchvision's epoch-23 checkpoint of a 26-epoch
+    run: a training run of the before-tuning recipe is compared at epoch 23 (not its last epoch), an eval-only
+    run at its result, with a caveat when it evaluated another epoch's file. One rule, shared."""
+    before = rp.row_by_name("Low-res, before RPN NMS tuning (test-time RPN top-n 1000/1000)")
+    after = rp.row_by_name("Low-res 320, 320-640 px (COCO_V1)")
+    assert before.measure == after.measure == "epoch 23" and before.weights_of == after.name
+    for row in rp.PUBLISHED:
+        if row.weights_of:
+            assert row.measure == rp.row_by_name(row.weights_of).measure and row.variant, row.name
+    assert [r.measure for r in rp.PUBLISHED if r.table == published.SEG_LOWRES] == ["epoch 28", "epoch 28", "last"]
+    rows = [{"epoch": e, "bbox_map": m} for e, m in ((22, 22.5), (23, 23.1), (24, 22.4), (25, 22.2))]
+    recipe = "recipes/detection/fasterrcnn_mobilenet_v3_large_320_fpn_no_rpn_tuning.yaml"
+    trained = make_run(tmp_path / "trained", script="train_detection.py", recipe=recipe,
+                       config={"schedule": {"epochs": 26}, "expected": {"bbox_map": 23.0}}, rows=rows)
+    s = rp.summarize(trained)
+    assert (s.row, s.compared.label, s.status) == (before, "epoch 23", "within ±0.3")
+    evaluated = make_run(tmp_path / "eval", script="train_detection.py", recipe=recipe,
+                         config={"expected": {"bbox_map": 23.0}}, overrides=("run.eval_only=true",),
+                         evaluation={"weights": "runs/low/checkpoints/epoch_023.pt", "bbox_map": 22.9})
+    s = rp.summarize(evaluated)
+    assert (s.row, s.compared.kind, s.status, s.notes) == (before, "eval", "within ±0.3", [])
+    assert "the weights of the row \"Low-res 320" in rp.write_run_report(evaluated).read_text()
+    wrong = make_run(tmp_path / "wrong", script="train_detection.py", recipe=recipe,
+                     config={"expected": {"bbox_map": 23.0}},
+                     evaluation={"weights": "runs/low/checkpoints/epoch_025.pt", "bbox_map": 22.9})
+    assert rp.summarize(wrong).notes == ["evaluated epoch_025.pt; the published number is of the epoch 23 "
+                                         "checkpoint"]
 
 
 def test_segmentation_report_and_low_res_eval(tmp_path):
@@ -360,6 +391,26 @@ def test_tool_errors_name_the_path(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and f"report.py: error: {tmp_path / 'empty'}: no run directory here" in proc.stderr
 
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--plot", "r.xyz", "--plot {d}/r.xyz: unknown image format .xyz; expected one of .avif, .eps"),
+    ("--plot", "r", "--plot {d}/r: unknown image format (no suffix); expected one of"),
+    ("--out", "r.png", "--out {d}/r.png: the report is Markdown; expected a file ending in .md, .markdown, .txt"),
+    ("--out", "sub", "--out {d}/sub: is a directory; give a file name"),
+    ("--plot", "afile/r.png", "--plot {d}/afile/r.png: {d}/afile is a file, not a directory"),
+])
+def test_tool_bad_out_or_plot_is_one_message_and_exit_2(tmp_path, option, value, message):
+    from tests.conftest import run_in_process
+
+    run = _large_run(tmp_path / "run")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "afile").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_in_process("tools/report.py", [run, option, tmp_path / value], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("report.py: error: " + message.format(d=tmp_path)), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == before
 
 # ============================================================================ a real toy run of recipes/large.yaml
 
