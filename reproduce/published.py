@@ -89,6 +89,8 @@ RPN = "Detection: low-res RPN NMS tuning (blog)"
 SEGMENTATION = "Segmentation: COCO val2017, 20 VOC categories"
 SEG_LOWRES = "Segmentation: low-res inference (eval at 320 px, same weights)"
 TABLES = (TUNING, RELEASED, QUANT, DETECTION, RPN, SEGMENTATION, SEG_LOWRES)
+TABLE_NAMES = {"tuning": TUNING, "released": RELEASED, "quantization": QUANT, "detection": DETECTION, "rpn": RPN,
+               "segmentation": SEGMENTATION, "segmentation-lowres": SEG_LOWRES}  # command-line names
 
 LARGE_IMPROVED_NOTE = (
     "The blog never published this row's hyperparameters, only the techniques. The recipe's values "
@@ -246,3 +248,20 @@ def num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v)
+
+
+def recipes_by_row(root: Path) -> dict[str, list[str]]:
+    """Published row name -> the recipes under root/recipes that reproduce it (by path or published values)."""
+    import yaml
+
+    out: dict[str, list[str]] = {}
+    for path in sorted((root / "recipes").rglob("*.yaml")):
+        rel = path.relative_to(root).as_posix()
+        try:
+            expected = (yaml.safe_load(path.read_text()) or {}).get("expected") or {}
+        except yaml.YAMLError:
+            continue
+        row = match_row(rel, None, expected)
+        if row is not None:
+            out.setdefault(row.name, []).append(rel)
+    return out
