@@ -77,6 +77,8 @@ def states(all_steps: list[Step], out: Path, queue: dict[str, tuple[str, str]] |
             result[s.name] = State("running", "on this machine")
         elif bad:
             result[s.name] = State("blocked", f"{bad[0]} {result[bad[0]].state}: not started")
+        elif s.kind == "report" and all(p.is_file() for p in s.outputs):
+            result[s.name] = State("ready", "out of date: a run changed since")  # the only step that goes stale
         elif log_path(out, s).is_file():
             result[s.name] = State("failed", _log_hint(out, s))
         elif all(result[d].state == "done" for d in s.deps):

@@ -206,9 +206,11 @@ def steps(table: str, opts: Options) -> list[Step]:
         run = trained(spec)
         if spec.measure == "averaged":
             return str(run / "averaged.pt"), f"{_name(spec.key)}.average"
-        if spec.measure.startswith("epoch "):
-            return str(run / "checkpoints" / f"epoch_{int(spec.measure.split()[1]):03d}.pt"), f"{_name(spec.key)}.train"
-        return str(run / "checkpoints" / "last.pt"), f"{_name(spec.key)}.train"
+        epoch = int(spec.measure.split()[1]) if spec.measure.startswith("epoch ") else None
+        if epoch is not None and epoch < _planned_epochs(spec, opts):
+            return str(run / "checkpoints" / f"epoch_{epoch:03d}.pt"), f"{_name(spec.key)}.train"
+        return str(run / "checkpoints" / "last.pt"), f"{_name(spec.key)}.train"  # a shorter run: its last, as
+        # the report compares it
 
     for spec in specs:
         base = by_key[spec.weights_of] if spec.weights_of else spec
@@ -255,6 +257,14 @@ def _start(spec: RowSpec, by_key: dict[str, RowSpec], weights, opts: Options) ->
     return ([f"{key}={given}"] if given else []), ()
 
 
+def _planned_epochs(spec: RowSpec, opts: Options) -> int:
+    epochs = ((yaml.safe_load((ROOT / spec.recipe).read_text()) or {}).get("schedule") or {}).get("epochs", 0)
+    for o in _task_overrides(spec.task, opts):
+        if o.startswith("schedule.epochs="):
+            epochs = int(o.split("=", 1)[1])
+    return epochs
+
+
 def _train_step(spec: RowSpec, opts: Options, run_dir: Path, start: list[str], deps: tuple[str, ...],
                 names: tuple[str, ...]) -> Step:
     cmd = _script_command(spec, opts, run_dir, [*spec.overrides, *start])
@@ -265,12 +275,12 @@ def _average_step(spec: RowSpec, run_dir: Path) -> Step:
     out = run_dir / "averaged.pt"
     cmd = ["average_checkpoints.py", "--run", str(run_dir), "--select", spec.select, "--metric", "acc1",
            "--out", str(out), "--eval"]
-    return Step(f"{_name(spec.key)}.average", "average", None, cmd, run_dir, (f"{_name(spec.key)}.train",), (spec.name,), (out,))
+    return Step(f"{_name(spec.key)}.average", "average", None, cmd, run_dir, (f"{_name(spec.key)}.train",),
+                (spec.name,), (out,))
 
 
 def _script_command(spec: RowSpec, opts: Options, run_dir: Path, extra: list[str]) -> list[str]:
-    mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in opts.overrides
-            if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == spec.task]
+    mine = _task_overrides(spec.task, opts)
     if spec.task == "segmentation" and spec.recipe.startswith("recipes/toy/"):  # the recipe's toy_data/...
         mine.insert(0, f"data.mask_cache={opts.data / 'voc_mask_cache'}")
     return [SCRIPTS[spec.task], "--recipe", spec.recipe, f"data.root={opts.data / DATASET[spec.task]}", *mine,
@@ -291,3 +301,9 @@ def order(all_steps: list[Step]) -> list[Step]:
     for s in all_steps:
         visit(s)
     return list(seen.values())
+
+
+def _task_overrides(task: str, opts: Options) -> list[str]:
+    """The --set overrides for a task: `TASK:key=value` of that task, and every `key=value`."""
+    return [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in opts.overrides
+            if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == task]

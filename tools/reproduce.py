@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time", help="slurm: time limit per job (default: the template's)")
     ap.add_argument("--partition", help="slurm: partition")
     ap.add_argument("--account", help="slurm: account")
-    ap.add_argument("--sbatch-args", default="", help="slurm: more sbatch arguments, one string")
+    ap.add_argument("--sbatch-args", default="",
+                    help='slurm: more sbatch arguments, one string (--sbatch-args="--qos=high --mem=0")')
     ap.add_argument("--dry-run", action="store_true", help="print the commands (or sbatch script) only")
     ap.add_argument("--status", action="store_true", help="print the status table only")
     args = ap.parse_args(argv)
