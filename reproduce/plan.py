@@ -57,25 +57,28 @@ class RowSpec:
 @dataclasses.dataclass
 class Step:
     name: str                               # unique in a table: "<row key>.<kind>"; also the job name's tail
-    kind: str                               # "train" | "average" | "eval" | "report"
+    kind: str                               # "data" (toy) | "train" | "average" | "eval" | "report"
     task: str | None                        # the script's task (None: average, report)
     command: list[str]                      # script (relative to the repository) and its arguments
     run_dir: Path
     deps: tuple[str, ...] = ()
     rows: tuple[str, ...] = ()              # the rows it serves
     outputs: tuple[Path, ...] = ()          # report: its files; average: the averaged weights
+    single: bool = False                    # one process even where training uses many (PTQ)
 
     def gpus(self, per_node: int) -> int:
         """GPUs per node it uses: all for training and evaluation, one for averaging (it evaluates), none
         for the report."""
-        return per_node if self.distributed else min(per_node, 1) if self.kind == "average" else 0
+        return per_node if self.distributed else min(per_node, 1) if self.kind in ("average", "eval") else 0
 
     @property
     def distributed(self) -> bool:
         """One process per GPU (training and evaluation) or a single process (averaging, the report)."""
-        return self.kind in ("train", "eval")
+        return self.kind in ("train", "eval") and not self.single
 
     def done(self, steps: dict[str, Step] | None = None) -> bool:
+        if self.kind == "data":  # data given, or written by an earlier run: taken as it is
+            return (self.run_dir / "imagenet").is_dir() and (self.run_dir / "coco").is_dir()
         if self.kind == "eval":
             return (self.run_dir / "eval.json").is_file()
         if self.kind == "train":
@@ -148,9 +151,8 @@ def rows(table: str) -> list[RowSpec]:
         return list(TOY_ROWS)
     title = TABLES[table]
     wanted = [r for r in PUBLISHED if r.table == title]
-    for r in list(wanted):
-        if r.weights_of and row_by_name(r.weights_of) not in wanted:
-            wanted.insert(0, row_by_name(r.weights_of))
+    bases = [row_by_name(r.weights_of) for r in wanted if r.weights_of]
+    wanted = [r for r in bases if r not in wanted] + wanted
     found = recipes_by_row(ROOT)
     return [_spec(r, found) for r in wanted]
 
@@ -226,14 +228,20 @@ def steps(table: str, opts: Options) -> list[Step]:
             continue
         if spec.measure == "final":  # PTQ: calibrate and evaluate, one eval-only-like run
             cmd = _script_command(spec, opts, trained(spec), [*spec.overrides, *start])
-            add(Step(f"{_name(spec.key)}.eval", "eval", spec.task, cmd, trained(spec), start_deps, (spec.name,)))
+            add(Step(f"{_name(spec.key)}.eval", "eval", spec.task, cmd, trained(spec), start_deps, (spec.name,),
+                     single=True))  # calibration and int8 evaluation run in one process
             continue
         add(_train_step(spec, opts, trained(spec), start, start_deps, (spec.name,)))
         if spec.measure == "averaged":
             add(_average_step(spec, trained(spec)))
+    if table == "toy":  # on a fresh machine the toy data is written first (tools/make_toy_data.py)
+        make = Step("toy_data.make", "data", None, ["tools/make_toy_data.py", "--out", str(opts.data)], opts.data)
+        for step in out.values():
+            step.deps = step.deps or (make.name,)
+        out = {make.name: make, **out}
     report_dir = opts.out / "reports"
     md, png = report_dir / f"{table}.md", report_dir / f"{table}.png"
-    runs = sorted({str(s.run_dir) for s in out.values()})
+    runs = sorted({str(s.run_dir) for s in out.values() if s.kind != "data"})
     shown = [t for t in TABLE_NAMES if t == table or any(TABLE_NAMES[t] == r.table for r in PUBLISHED
                                                        if r.name in {s.name for s in specs})] or ["none"]
     cmd = ["tools/report.py", *runs, "--tables", *shown, "--out", str(md), "--plot", str(png)]

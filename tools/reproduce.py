@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = plan.Options(data.resolve(), out.resolve(), tuple(args.overrides), args.float_weights,
                         args.backbone_weights)
     steps = plan.steps(args.table, opts)
+    if args.on == "slurm" and not args.dry_run and not (shutil.which("sbatch") and shutil.which("squeue")):
+        ap.error("--on slurm: sbatch and squeue are not on PATH (run on a SLURM login node, or --on local)")
     if args.status:
         queue = launch.squeue(opts.out) if args.on == "slurm" else None
         print(launch.table_text(steps, launch.states(steps, opts.out, queue)))
         return 0
     if args.on == "slurm":
-        if not args.dry_run and not launch.shutil.which("sbatch"):
-            ap.error("--on slurm: sbatch is not on PATH (run on a SLURM login node, or --on local)")
         res = launch.Resources(args.nodes, 8 if args.gpus_per_node is None else args.gpus_per_node,
                                args.cpus_per_task, args.time, args.partition, args.account,
                                tuple(shlex.split(args.sbatch_args)))

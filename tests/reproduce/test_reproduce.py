@@ -63,7 +63,7 @@ def status_rows(text: str) -> dict[str, tuple[str, str]]:
     """step -> (state, detail) from the status table."""
     rows = {}
     for line in text.splitlines():
-        m = re.match(r"^(\S+\.(?:train|average|eval)|report-\S+)\s+(\w+)\s*(.*)$", line)
+        m = re.match(r"^(\S+\.(?:make|train|average|eval)|report-\S+)\s+(\w+)\s*(.*)$", line)
         if m:
             rows[m.group(1)] = (m.group(2), m.group(3))
     return rows
@@ -84,7 +84,7 @@ def check_toy_table(out: Path) -> None:
     md = out / "reports" / "toy.md"
     assert (out / "reports" / "toy.png").stat().st_size > 0
     for step in plan.steps("toy", plan.Options(Path("/unused"), out)):
-        if step.kind == "report":
+        if step.kind in ("data", "report"):
             continue
         lines = report_lines(md, step.run_dir)
         assert lines, f"{step.run_dir} is not in {md}"
@@ -119,7 +119,7 @@ def test_toy_table_ends_with_every_row_in_the_combined_report(toy_table):
     out, proc, _ = toy_table
     check_toy_table(out)
     assert set(status_rows(proc.stdout).values()) == {("done", "")}
-    assert len(status_rows(proc.stdout)) == 9
+    assert len(status_rows(proc.stdout)) == 10  # the toy data (already there), 8 steps of 7 rows, the report
 
 
 def test_toy_rows_share_and_chain_their_weights(toy_table):
@@ -182,13 +182,14 @@ def test_a_failed_step_stops_its_dependents_and_says_why(toy_data, tmp_path):
     log = out / "logs" / "toy_classification.train.log"
     last = [x for x in log.read_text().splitlines() if x.strip()][-1]
     assert state == "failed" and detail == f"{last}  [{log}]" and "imagenet" in last, proc.stdout
+    assert rows.pop("toy_data.make") == ("done", "")  # data given is taken as it is
     assert all(s == "blocked" for name, (s, _) in rows.items() if name != "toy_classification.train"), rows
     assert rows["toy_detection.train"][1] == "toy_classification.train failed: not started"
     assert rows["toy_detection_rpn1000.eval"][1] == "toy_detection.train blocked: not started"
     assert sorted(p.name for p in out.iterdir()) == ["logs", "toy_classification"]
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["toy_classification.train.log"]
     assert reproduce(toy_args(bad, out, "--status"), timeout=120).stdout.splitlines()[:-1] == \
-        proc.stdout.splitlines()[-len(rows) - 2:-1]
+        proc.stdout.splitlines()[-len(rows) - 3:-1]
 
 
 # ============================================================================ plans of the published tables
@@ -219,6 +220,9 @@ def test_rows_that_share_a_training_run_share_it():
     released = {s.name: s for s in plan.steps("released", opts)}
     assert released["mobilenet_v3_large.average"].command[-5:] == [
         "--metric", "acc1", "--out", "/out/mobilenet_v3_large/averaged.pt", "--eval"]
+    toy = plan.steps("toy", opts)  # on a fresh machine the toy data is written first
+    assert (toy[0].name, toy[0].command) == ("toy_data.make", ["tools/make_toy_data.py", "--out", "/data"])
+    assert [s.name for s in toy if s.deps == ("toy_data.make",)] == ["toy_classification.train"]
     for table in plan.TABLES:
         steps = plan.steps(table, opts)
         assert steps[-1].name == f"report-{table}" and set(steps[-1].deps) == {s.name for s in steps[:-1]}
@@ -286,10 +290,11 @@ def _slurm_idle() -> str | None:
     """Why the SLURM test cannot run here, or None."""
     if not shutil.which("sbatch") or not shutil.which("sinfo"):
         return "no SLURM here (sbatch/sinfo not on PATH); slurm/local_cluster.sh start runs a one-node cluster"
-    proc = subprocess.run(["sinfo", "--noheader", "--states=idle", "--format=%n"], capture_output=True, text=True,
-                          timeout=30)
+    # a node that takes jobs: idle, or busy with other jobs (ours then wait in the queue)
+    proc = subprocess.run(["sinfo", "--noheader", "--responding", "--states=idle,mixed,allocated,completing",
+                           "--format=%n %T"], capture_output=True, text=True, timeout=30)
     if proc.returncode != 0 or not proc.stdout.strip():
-        return f"no idle SLURM node (sinfo: {(proc.stdout + proc.stderr).strip() or 'none idle'})"
+        return f"no SLURM node up to run jobs (sinfo: {(proc.stdout + proc.stderr).strip() or 'no idle node'})"
     return None
 
 
