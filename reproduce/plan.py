@@ -62,7 +62,6 @@ class Step:
     command: list[str]                      # script (relative to the repository) and its arguments
     run_dir: Path
     deps: tuple[str, ...] = ()
-    rows: tuple[str, ...] = ()              # the rows it serves
     outputs: tuple[Path, ...] = ()          # report: its files; average: the averaged weights
     single: bool = False                    # one process even where training uses many (PTQ)
 
@@ -194,11 +193,8 @@ def steps(table: str, opts: Options) -> list[Step]:
     by_key = {s.key: s for s in specs}
     out: dict[str, Step] = {}
 
-    def add(step: Step) -> None:
-        if step.name in out:
-            out[step.name].rows += step.rows
-        else:
-            out[step.name] = step
+    def add(step: Step) -> None:  # rows that share a training run share its step
+        out.setdefault(step.name, step)
 
     def trained(spec: RowSpec) -> Path:
         return opts.out / spec.key
@@ -215,23 +211,22 @@ def steps(table: str, opts: Options) -> list[Step]:
         # the report compares it
 
     for spec in specs:
-        base = by_key[spec.weights_of] if spec.weights_of else spec
-        start, start_deps = _start(spec, by_key, weights, opts)
-        if spec.weights_of:  # the base row's training run, evaluated again
-            add(_train_step(base, opts, trained(base), *_start(base, by_key, weights, opts), ()))
+        if spec.weights_of:  # the base row's training run (and averaging), its weights evaluated again
+            base = by_key[spec.weights_of]
+            add(_train_step(base, opts, trained(base), *_start(base, by_key, weights, opts)))
             file, dep = weights(base)
-            if dep.endswith(".average") and dep not in out:
+            if dep.endswith(".average"):
                 add(_average_step(base, trained(base)))
             cmd = _script_command(spec, opts, opts.out / spec.key,
                                   [*spec.variant, *spec.overrides, "run.eval_only=true", f"model.weights={file}"])
-            add(Step(f"{_name(spec.key)}.eval", "eval", spec.task, cmd, opts.out / spec.key, (dep,), (spec.name,)))
+            add(Step(f"{_name(spec.key)}.eval", "eval", spec.task, cmd, opts.out / spec.key, (dep,)))
             continue
-        if spec.measure == "final":  # PTQ: calibrate and evaluate, one eval-only-like run
+        start, start_deps = _start(spec, by_key, weights, opts)
+        if spec.measure == "final":  # PTQ: calibration and int8 evaluation, in one process
             cmd = _script_command(spec, opts, trained(spec), [*spec.overrides, *start])
-            add(Step(f"{_name(spec.key)}.eval", "eval", spec.task, cmd, trained(spec), start_deps, (spec.name,),
-                     single=True))  # calibration and int8 evaluation run in one process
+            add(Step(f"{_name(spec.key)}.eval", "eval", spec.task, cmd, trained(spec), start_deps, single=True))
             continue
-        add(_train_step(spec, opts, trained(spec), start, start_deps, (spec.name,)))
+        add(_train_step(spec, opts, trained(spec), start, start_deps))
         if spec.measure == "averaged":
             add(_average_step(spec, trained(spec)))
     if table == "toy":  # on a fresh machine the toy data is written first (tools/make_toy_data.py)
@@ -245,8 +240,7 @@ def steps(table: str, opts: Options) -> list[Step]:
     shown = [t for t in TABLE_NAMES if t == table or any(TABLE_NAMES[t] == r.table for r in PUBLISHED
                                                        if r.name in {s.name for s in specs})] or ["none"]
     cmd = ["tools/report.py", *runs, "--tables", *shown, "--out", str(md), "--plot", str(png)]
-    out[f"report-{table}"] = Step(f"report-{table}", "report", None, cmd, report_dir, tuple(out),
-                                  tuple(s.name for s in specs), (md, png))
+    out[f"report-{table}"] = Step(f"report-{table}", "report", None, cmd, report_dir, tuple(out), outputs=(md, png))
     return list(out.values())
 
 
@@ -273,10 +267,9 @@ def _planned_epochs(spec: RowSpec, opts: Options) -> int:
     return epochs
 
 
-def _train_step(spec: RowSpec, opts: Options, run_dir: Path, start: list[str], deps: tuple[str, ...],
-                names: tuple[str, ...]) -> Step:
+def _train_step(spec: RowSpec, opts: Options, run_dir: Path, start: list[str], deps: tuple[str, ...]) -> Step:
     cmd = _script_command(spec, opts, run_dir, [*spec.overrides, *start])
-    return Step(f"{_name(spec.key)}.train", "train", spec.task, cmd, run_dir, deps, names)
+    return Step(f"{_name(spec.key)}.train", "train", spec.task, cmd, run_dir, deps)
 
 
 def _average_step(spec: RowSpec, run_dir: Path) -> Step:
@@ -284,7 +277,7 @@ def _average_step(spec: RowSpec, run_dir: Path) -> Step:
     cmd = ["average_checkpoints.py", "--run", str(run_dir), "--select", spec.select, "--metric", "acc1",
            "--out", str(out), "--eval"]
     return Step(f"{_name(spec.key)}.average", "average", None, cmd, run_dir, (f"{_name(spec.key)}.train",),
-                (spec.name,), (out,))
+                outputs=(out,))
 
 
 def _script_command(spec: RowSpec, opts: Options, run_dir: Path, extra: list[str]) -> list[str]:

@@ -33,9 +33,8 @@ import yaml
 
 from engine.checkpoint import atomic_write_text
 from engine.rundir import OPERATIONAL
-from reproduce.published import (ACC_TOLERANCE, COMPARISONS, INFO_METRICS, MAP_TOLERANCE, PUBLISHED,  # noqa: F401
-                                 SCRIPT_TASKS, TABLES, TASK_METRICS, TOLERANCE_TEXT, Metric, PublishedRow,
-                                 comparison_rows, match_row, recipe_key, row_by_name)
+from reproduce.published import (INFO_METRICS, SCRIPT_TASKS, TASK_METRICS, TOLERANCE_TEXT, Metric, PublishedRow,
+                                 match_row)
 from reproduce.published import EPS as _EPS
 from reproduce.published import num as _num
 

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import atomic_write_text  # noqa: E402
-from reproduce.published import TABLE_NAMES, recipes_by_row  # noqa: E402
-from reproduce.report import (PUBLISHED, TABLES, TASK_METRICS, TOLERANCE_TEXT, RunSummary,  # noqa: E402
-                              comparison_rows, recipe_key, summarize)
+from reproduce.published import (PUBLISHED, TABLE_NAMES, TABLES, TASK_METRICS, TOLERANCE_TEXT,  # noqa: E402
+                                 comparison_rows, recipe_key, recipes_by_row)
+from reproduce.report import RunSummary, summarize  # noqa: E402
 
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "eval.json")
 NOT_RUNS = {"checkpoints", "tensorboard", "detections", "export"}

@@ -67,16 +67,16 @@ def _large_run(path: Path, averaged: bool = True) -> Path:
 
 
 def test_tolerance_boundaries():
-    acc1 = rp.TASK_METRICS["classification"][0]
+    acc1 = published.TASK_METRICS["classification"][0]
     assert rp.compare_value(acc1, 74.042 + 0.2, 74.042).verdict == "within ±0.2"          # exactly the tolerance
     assert rp.compare_value(acc1, 74.042 - 0.2, 74.042).within is True
     assert rp.compare_value(acc1, 74.243, 74.042).verdict == "above (outside ±0.2)"
     assert rp.compare_value(acc1, 73.841, 74.042).verdict == "below (outside ±0.2)"
-    miou = rp.TASK_METRICS["segmentation"][0]
+    miou = published.TASK_METRICS["segmentation"][0]
     assert rp.compare_value(miou, 57.9 - 0.3, 57.9).within is True
     assert rp.compare_value(miou, 57.9 - 0.31, 57.9).within is False
     assert rp.compare_value(acc1, 70.0, None).verdict == "no published number"
-    assert (rp.ACC_TOLERANCE, rp.MAP_TOLERANCE) == (0.2, 0.3)
+    assert (published.ACC_TOLERANCE, published.MAP_TOLERANCE) == (0.2, 0.3)
 
 
 # ============================================================================ report.md, one task each
@@ -173,13 +173,13 @@ def test_the_23_0_row_measures_the_epoch_23_checkpoint_as_the_22_8_row(tmp_path)
     """The blog's before/after RPN tuning rows are one model, torchvision's epoch-23 checkpoint of a 26-epoch
     run: a training run of the before-tuning recipe is compared at epoch 23 (not its last epoch), an eval-only
     run at its result, with a caveat when it evaluated another epoch's file. One rule, shared."""
-    before = rp.row_by_name("Low-res, before RPN NMS tuning (test-time RPN top-n 1000/1000)")
-    after = rp.row_by_name("Low-res 320, 320-640 px (COCO_V1)")
+    before = published.row_by_name("Low-res, before RPN NMS tuning (test-time RPN top-n 1000/1000)")
+    after = published.row_by_name("Low-res 320, 320-640 px (COCO_V1)")
     assert before.measure == after.measure == "epoch 23" and before.weights_of == after.name
-    for row in rp.PUBLISHED:
+    for row in published.PUBLISHED:
         if row.weights_of:
-            assert row.measure == rp.row_by_name(row.weights_of).measure and row.variant, row.name
-    assert [r.measure for r in rp.PUBLISHED if r.table == published.SEG_LOWRES] == ["epoch 28", "epoch 28", "last"]
+            assert row.measure == published.row_by_name(row.weights_of).measure and row.variant, row.name
+    assert [r.measure for r in published.PUBLISHED if r.table == published.SEG_LOWRES] == ["epoch 28", "epoch 28", "last"]
     rows = [{"epoch": e, "bbox_map": m} for e, m in ((22, 22.5), (23, 23.1), (24, 22.4), (25, 22.2))]
     recipe = "recipes/detection/fasterrcnn_mobilenet_v3_large_320_fpn_no_rpn_tuning.yaml"
     trained = make_run(tmp_path / "trained", script="train_detection.py", recipe=recipe,
@@ -275,11 +275,11 @@ def test_published_rows_agree_with_torchvision_metadata():
     names = {"acc@1": "acc1", "acc@5": "acc5", "box_map": "bbox_map", "miou": "miou", "pixel_acc": "pixel_acc"}
     for name, w in weights.items():
         (meta,) = w.meta["_metrics"].values()
-        assert rp.row_by_name(name).values == {names[k]: v for k, v in meta.items()}, name
+        assert published.row_by_name(name).values == {names[k]: v for k, v in meta.items()}, name
 
 
 def test_comparison_rows_are_torchvision_metadata_not_the_blog_rounding():
-    rows = {name: values for _, name, values, _ in rp.comparison_rows()}
+    rows = {name: values for _, name, values, _ in published.comparison_rows()}
     assert rows["MobileNetV2"] == {"acc1": 71.878, "acc5": 90.286}
     assert rows["ResNet50"] == {"acc1": 76.130, "acc5": 92.862}
     assert rows["ResNet18"] == {"acc1": 69.758, "acc5": 89.078}
@@ -296,7 +296,7 @@ def test_every_published_recipe_maps_to_one_published_row():
             assert rel not in mapped
             continue
         assert rel in mapped, f"{rel}: its expected {expected} is no published row's"
-        row = rp.match_row(rel, None, expected)
+        row = published.match_row(rel, None, expected)
         assert all(expected.get(k) == v for k, v in row.values.items()), rel
     assert recipes["6. + label smoothing, stochastic depth, LR noise (not released)"] == [
         "recipes/ablation/6_label_smoothing_sd_lr_noise.yaml", "recipes/large_improved.yaml"]
@@ -304,7 +304,7 @@ def test_every_published_recipe_maps_to_one_published_row():
 
 
 def test_large_improved_is_not_called_published():
-    row = rp.row_by_name("6. + label smoothing, stochastic depth, LR noise (not released)")
+    row = published.row_by_name("6. + label smoothing, stochastic depth, LR noise (not released)")
     assert "never published" in row.note and "0.2 * (i+1)/15" in row.note
     for rel in ("recipes/large_improved.yaml", "recipes/ablation/6_label_smoothing_sd_lr_noise.yaml"):
         text = (ROOT / rel).read_text()
@@ -343,14 +343,14 @@ def test_tool_table_follows_the_published_order_and_marks_missing_rows(tmp_path,
     assert out.read_text() == text
     lines = text.splitlines()
     # every published row once, in the catalogue's order, and the catalogue in the published tables' order
-    positions = [next(i for i, line in enumerate(lines) if line.startswith(f"| {row.name}")) for row in rp.PUBLISHED]
+    positions = [next(i for i, line in enumerate(lines) if line.startswith(f"| {row.name}")) for row in published.PUBLISHED]
     assert positions == sorted(positions)
-    assert [r.table for r in rp.PUBLISHED] == sorted((r.table for r in rp.PUBLISHED), key=rp.TABLES.index)
-    assert [r.name.split(".")[0] for r in rp.PUBLISHED[:6]] == ["1", "2", "3", "4", "5", "6"]
-    sections = [next(i for i, line in enumerate(lines) if line.startswith(f"| **{t}**")) for t in rp.TABLES]
+    assert [r.table for r in published.PUBLISHED] == sorted((r.table for r in published.PUBLISHED), key=published.TABLES.index)
+    assert [r.name.split(".")[0] for r in published.PUBLISHED[:6]] == ["1", "2", "3", "4", "5", "6"]
+    sections = [next(i for i, line in enumerate(lines) if line.startswith(f"| **{t}**")) for t in published.TABLES]
     assert sections == sorted(sections) and sections[0] < positions[0]
     no_run = {line.split(" | ")[0].lstrip("| ").split(" [")[0] for line in lines if "| no run yet |" in line}
-    assert no_run == {r.name for r in rp.PUBLISHED} - {
+    assert no_run == {r.name for r in published.PUBLISHED} - {
         "1. Baseline, MobileNetV2-style hyperparameters", "MobileNetV3-Large (IMAGENET1K_V1)",
         "QAT, int8 (IMAGENET1K_QNNPACK_V1)", "Low-res 320, 320-640 px (COCO_V1)",
         "LR-ASPP MobileNetV3-Large (COCO_WITH_VOC_LABELS_V1)"}
@@ -358,8 +358,8 @@ def test_tool_table_follows_the_published_order_and_marks_missing_rows(tmp_path,
     def run_lines(run: Path) -> list[int]:
         return [i for i, line in enumerate(lines) if f"| `{run}` |" in line]
 
-    large = rp.row_by_name("MobileNetV3-Large (IMAGENET1K_V1)")
-    at = positions[rp.PUBLISHED.index(large)]
+    large = published.row_by_name("MobileNetV3-Large (IMAGENET1K_V1)")
+    at = positions[published.PUBLISHED.index(large)]
     assert run_lines(runs["large"]) == [at, at + 1]                # last epoch, then the averaging row of its own
     cells = _cells(lines[at + 1])
     assert cells[:5] == ["", "", "", "", f"`{runs['large']}`"]
