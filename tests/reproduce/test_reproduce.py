@@ -322,3 +322,32 @@ def test_toy_table_on_slurm_ends_with_every_row_and_again_submits_nothing(toy_da
     again = reproduce(args, timeout=120)
     assert again.returncode == 0 and "submitted" not in again.stdout, again.stdout
     assert set(status_rows(again.stdout).values()) == {("done", "")} and snapshot(out) == before
+
+
+def test_an_interrupted_step_continues_from_its_run_directory(toy_data, tmp_path):
+    """A step stopped part-way (SIGTERM, as SLURM preempts) is failed with its log's last line until the same
+    command runs it again, which continues its run directory (run.resume=auto) to the end."""
+    import signal
+
+    from reproduce import launch
+    from tests.test_train_classification import fast
+
+    out = tmp_path / "runs"
+    run_dir = out / "cls"
+    step = plan.Step("cls.train", "train", "classification",
+                     ["train_classification.py", *fast(toy_data / "imagenet", run_dir, "schedule.epochs=3"),
+                      "run.resume=auto"], run_dir)
+    proc, _ = launch._start(step, out, 0)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "epoch_000.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, launch.last_line(launch.log_path(out, step))
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM and not step.done()
+    state = launch.states([step], out)["cls.train"]
+    assert state.state == "failed" and "stopped by SIGTERM" in state.detail
+    assert launch.run_local([step], out) == 0 and step.done()
+    epochs = [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]  # each epoch once: the second run continued, it did not start over
+    log = launch.log_path(out, step).read_text()
+    assert log.count("=== ") == 2 and "resum" in log.split("=== ")[2]
