@@ -30,8 +30,8 @@ import torch
 from engine import checkpoint
 from engine.config import ConfigError, load_config_dict
 from engine.errors import UserError
-from engine.report import write_run_report
 from engine.runlog import improved, read_metrics
+from reproduce.report import write_run_report
 
 RULES = ("last-improved", "top", "last")
 

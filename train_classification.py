@@ -28,6 +28,7 @@ from engine.loop import (AMP_DTYPES, Accumulate, Loop, check_steps, launch, laun
 from engine.metrics import evaluate_classifier
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, load_weights
+from reproduce.report import write_run_report
 
 # ============================================================================ config
 
@@ -100,7 +101,7 @@ def derived(cfg: Config, world_size: int | None = None, n_train: int | None = No
 def main(cfg: Config) -> dict:
     dist = distributed.init(cfg.run.device)
     device = dist.device
-    run = rundir.open_run(cfg, dist)
+    run = rundir.open_run(cfg, dist, report=write_run_report)
     log = run.log
     seeding.seed_everything(cfg.run.seed + dist.rank)
     set_backends(device, cfg.train.cudnn_benchmark, cfg.train.tf32)

@@ -35,6 +35,7 @@ from engine.loop import (AMP_DTYPES, Accumulate, Loop, check_steps, launch, laun
                          set_backends)
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, load_weights
+from reproduce.report import write_run_report
 
 # ============================================================================ config
 
@@ -122,7 +123,7 @@ def derived(cfg: Config, world_size: int | None = None, n_train: int | None = No
 def main(cfg: Config) -> dict:
     dist = distributed.init(cfg.run.device)
     device = dist.device
-    run = rundir.open_run(cfg, dist, OPERATIONAL)  # refuses a foreign run directory before any write
+    run = rundir.open_run(cfg, dist, OPERATIONAL, report=write_run_report)  # refuses a foreign run directory before any write
     log = run.log
     seeding.seed_everything(cfg.run.seed + dist.rank)
     set_backends(device, cfg.train.cudnn_benchmark, cfg.train.tf32)

@@ -38,6 +38,7 @@ from engine.metrics import evaluate_classifier
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, quantize
 from models.weights import fit, read_state
+from reproduce.report import write_run_report
 
 # ============================================================================ config
 
@@ -139,7 +140,7 @@ def _epochs(last: int) -> str:
 def main(cfg: Config) -> dict:
     dist = distributed.init(cfg.run.device)
     device = dist.device
-    run = rundir.open_run(cfg, dist)
+    run = rundir.open_run(cfg, dist, report=write_run_report)
     log = run.log
     seeding.seed_everything(cfg.run.seed + dist.rank)
     set_backends(device, cfg.train.cudnn_benchmark, cfg.train.tf32)

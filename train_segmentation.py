@@ -35,6 +35,7 @@ from engine.loop import (AMP_DTYPES, Accumulate, EpochBatches, Loop, check_steps
                          plan_batch, set_backends)
 from engine.optim import EpochSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, param_groups
 from models import build, load_weights
+from reproduce.report import write_run_report
 
 # ============================================================================ config
 
@@ -118,7 +119,7 @@ def derived(cfg: Config, world_size: int | None = None, n_train: int | None = No
 
 def main(cfg: Config) -> dict:
     dist = distributed.init(cfg.run.device)
-    run = rundir.open_run(cfg, dist)  # refuses a foreign run directory before anything is written
+    run = rundir.open_run(cfg, dist, report=write_run_report)  # refuses a foreign run directory before anything is written
     log, device = run.log, dist.device
     seeding.seed_everything(cfg.run.seed + dist.rank)
     set_backends(device, cfg.train.cudnn_benchmark, cfg.train.tf32)

@@ -488,10 +488,8 @@ class Loop:
         """report.md, close the logs, restore signal handlers."""
         self._preempt.restore()
         self.log.close()
-        if self.dist.is_main and self.history:
-            from engine.rundir import write_report
-
-            write_report(self.run.out_dir, self.log)
+        if self.history:
+            self.run.write_report()
         self.run.release()
 
 

@@ -26,7 +26,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine import checkpoint, distributed, runlog
 from engine.config import load_config_dict, save_config, to_dict
@@ -48,6 +48,8 @@ EVAL_SUBDIR = "eval"  # where an eval-only run into a training run's directory w
 
 
 class Run:
+    report: Callable[[Path], Path] | None = None  # out_dir -> report.md written; set by open_run
+
     def __init__(self, cfg: Any, dist: DistState, out_dir: Path, log: runlog.RunLog, state: dict | None,
                  resume_path: Path | None, changes: dict[str, tuple[Any, Any]], notes: list[str], lock=None):
         self.cfg, self.dist, self.out_dir, self.log = cfg, dist, out_dir, log
@@ -77,8 +79,13 @@ class Run:
         if not (self.out_dir / "config.yaml").exists():
             save_config(self.cfg, self.out_dir / "config.yaml")
             self.log.write_env(runlog.environment(self.dist.world_size, self.dist.device))
-        write_report(self.out_dir, self.log)
+        self.write_report()
 
+    def write_report(self) -> None:
+        """report.md through the report the script handed to open_run (reproduce.report.write_run_report:
+        the report is a layer above engine/, which never imports it)."""
+        if self.report is not None and self.dist.is_main:
+            self.log.info(f"report: {self.report(self.out_dir)}")
 
     def release(self) -> None:
         """Give up the run directory (at the end of a run; a process that dies releases it anyway)."""
@@ -87,14 +94,10 @@ class Run:
             self.lock = None
 
 
-def write_report(out_dir: Path, log: runlog.RunLog) -> None:
-    from engine.report import write_run_report
-
-    path = write_run_report(out_dir)
-    log.info(f"report: {path}")
-
-
-def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset()) -> Run:
+def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset(),
+             report: Callable[[Path], Path] | None = None) -> Run:
+    """The run for `cfg` (see the module's docstring). report: out_dir -> report.md written (the scripts
+    hand in reproduce.report.write_run_report: the report is a layer above engine/, never imported here)."""
     out_dir = Path(cfg.run.output_dir)
     note = None
     if cfg.run.eval_only and _holds_training(out_dir):
@@ -112,7 +115,7 @@ def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset(
         if lock is not None:
             lock.close()
         raise
-    run.lock = lock
+    run.lock, run.report = lock, report
     return run
 
 

@@ -10,7 +10,7 @@ row, segmentation and its low-res table); a published row with no run yet says s
 placed by the recipe on its command line (env.json), else by its task and published values; runs
 of no published row (toy runs) come last. Each run contributes its last epoch, the epoch its
 published row measures, its eval-only result and each checkpoint-averaging row, one line each; the
-verdict is given on the line the published number measures (engine/report.py explains the rule
+verdict is given on the line the published number measures (reproduce/report.py explains the rule
 and the tolerance). --plot draws measured against published (matplotlib).
 """
 
@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.report import (PUBLISHED, TABLES, TASK_METRICS, TOLERANCE_TEXT, RunSummary,  # noqa: E402
-                           comparison_rows, match_row, recipe_key, summarize)
+from engine.checkpoint import atomic_write_text  # noqa: E402
+from reproduce.published import (PUBLISHED, TABLE_NAMES, TABLES, TASK_METRICS, TOLERANCE_TEXT,  # noqa: E402
+                                 comparison_rows, recipe_key, recipes_by_row)
+from reproduce.report import RunSummary, summarize  # noqa: E402
 
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "eval.json")
 NOT_RUNS = {"checkpoints", "tensorboard", "detections", "export"}
@@ -35,7 +37,42 @@ HEADER = ("| published row | recipe | metric | published | run | measured on | m
 
 
 class ReportError(Exception):
-    pass
+    status = 1
+
+
+class UsageError(ReportError):
+    status = 2  # a bad option value, as argparse's own errors
+
+
+MARKDOWN = (".md", ".markdown", ".txt")
+
+
+def check_outputs(out: Path | None, plot: Path | None) -> None:
+    """Refuse an --out or --plot that cannot be written, before any run is read."""
+    for option, path in (("--out", out), ("--plot", plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UsageError(f"{option} {path}: is a directory; give a file name")
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise UsageError(f"{option} {path}: {blocker} is a file, not a directory")
+    if out is not None and out.suffix.lower() not in MARKDOWN:
+        raise UsageError(f"--out {out}: the report is Markdown; expected a file ending in {', '.join(MARKDOWN)}")
+    if plot is not None:
+        formats = plot_formats()
+        if plot.suffix.lower().lstrip(".") not in formats:
+            raise UsageError(f"--plot {plot}: unknown image format {plot.suffix or '(no suffix)'}; expected one of "
+                             + ", ".join(f".{f}" for f in formats))
+
+
+def plot_formats() -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
 
 
 def find_runs(paths: list[Path], depth: int = 3) -> list[Path]:
@@ -63,31 +100,15 @@ def _search(path: Path, depth: int) -> list[Path]:
     return out
 
 
-def recipes_by_row(root: Path = ROOT) -> dict[str, list[str]]:
-    """Published row name -> the recipes under root/recipes that reproduce it (by path or published values)."""
-    import yaml
-
-    out: dict[str, list[str]] = {}
-    for path in sorted((root / "recipes").rglob("*.yaml")):
-        rel = path.relative_to(root).as_posix()
-        try:
-            expected = (yaml.safe_load(path.read_text()) or {}).get("expected") or {}
-        except yaml.YAMLError:
-            continue
-        row = match_row(rel, None, expected)
-        if row is not None:
-            out.setdefault(row.name, []).append(rel)
-    return out
-
-
-def table(summaries: list[RunSummary], root: Path = ROOT) -> str:
+def table(summaries: list[RunSummary], root: Path = ROOT, tables: tuple[str, ...] = TABLES) -> str:
+    """The published tables named (titles), then the runs of no published row."""
     recipes = recipes_by_row(root)
     by_row: dict[str, list[RunSummary]] = {}
     for s in summaries:
         by_row.setdefault(s.row.name if s.row is not None else OTHER, []).append(s)
     out = [HEADER]
     notes: list[str] = []
-    for title in TABLES:
+    for title in tables:
         out.append(f"| **{title}** | | | | | | | | |")
         for row in (r for r in PUBLISHED if r.table == title):
             mark = ""
@@ -143,10 +164,13 @@ def _run_lines(s: RunSummary) -> list[list[str]]:
     return out
 
 
-def comparisons_table() -> str:
+def comparisons_table(tables: tuple[str, ...] = TABLES) -> str:
+    rows = [r for r in comparison_rows() if r[0] in tables]
+    if not rows:
+        return ""
     lines = ["Comparison rows quoted by the blog (not trained here; values from torchvision's weight metadata, "
              "which the blog rounds):", "", "| model | metric | published | source |", "|---|---|---:|---|"]
-    for _, name, values, source in comparison_rows():
+    for _, name, values, source in rows:
         metric = " / ".join(_LABEL[k] for k in values)
         lines.append(f"| {name} | {metric} | {' / '.join(f'{v:.3f}' for v in values.values())} | {source} |")
     return "\n".join(lines) + "\n"
@@ -199,8 +223,10 @@ def plot(summaries: list[RunSummary], path: Path) -> list[tuple[str, float, floa
     bx.set_title("measured - published (grey: the tolerance)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp")  # atomically: a killed report leaves no half-drawn file
+    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower())
     plt.close(fig)
+    tmp.replace(path)
     return points
 
 
@@ -230,13 +256,20 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories, or folders of them")
     ap.add_argument("--out", type=Path, help="also write the Markdown to this file")
     ap.add_argument("--plot", type=Path, metavar="FILE", help="draw measured against published (PNG, SVG, PDF)")
+    ap.add_argument("--tables", nargs="+", choices=[*TABLE_NAMES, "none"], metavar="TABLE",
+                    help=f"the published tables shown ({', '.join(TABLE_NAMES)}; none: only runs of no published "
+                         "row; default: all)")
     args = ap.parse_args(argv)
+    check_outputs(args.out, args.plot)
+    tables = TABLES if args.tables is None else tuple(TABLE_NAMES[t] for t in args.tables if t != "none")
     summaries = [summarize(run) for run in find_runs(args.runs)]
-    text = "# Reproduction report\n\n" + table(summaries) + "\n" + comparisons_table()
+    text = "# Reproduction report\n\n" + table(summaries, tables=tables)
+    comparisons = comparisons_table(tables)
+    text += "\n" + comparisons if comparisons else ""
     print(text, end="")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        atomic_write_text(args.out, text)
         print(f"\nwrote {args.out}")
     if args.plot is not None:
         points = plot(summaries, args.plot)
@@ -249,4 +282,4 @@ if __name__ == "__main__":
         main()
     except ReportError as exc:
         print(f"report.py: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.status)

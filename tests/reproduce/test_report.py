@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import report as rp
+from reproduce import published
+from reproduce import report as rp
 from tests.conftest import ROOT
 from tools import report as tool
 
@@ -66,16 +67,16 @@ def _large_run(path: Path, averaged: bool = True) -> Path:
 
 
 def test_tolerance_boundaries():
-    acc1 = rp.TASK_METRICS["classification"][0]
+    acc1 = published.TASK_METRICS["classification"][0]
     assert rp.compare_value(acc1, 74.042 + 0.2, 74.042).verdict == "within ±0.2"          # exactly the tolerance
     assert rp.compare_value(acc1, 74.042 - 0.2, 74.042).within is True
     assert rp.compare_value(acc1, 74.243, 74.042).verdict == "above (outside ±0.2)"
     assert rp.compare_value(acc1, 73.841, 74.042).verdict == "below (outside ±0.2)"
-    miou = rp.TASK_METRICS["segmentation"][0]
+    miou = published.TASK_METRICS["segmentation"][0]
     assert rp.compare_value(miou, 57.9 - 0.3, 57.9).within is True
     assert rp.compare_value(miou, 57.9 - 0.31, 57.9).within is False
     assert rp.compare_value(acc1, 70.0, None).verdict == "no published number"
-    assert (rp.ACC_TOLERANCE, rp.MAP_TOLERANCE) == (0.2, 0.3)
+    assert (published.ACC_TOLERANCE, published.MAP_TOLERANCE) == (0.2, 0.3)
 
 
 # ============================================================================ report.md, one task each
@@ -168,6 +169,36 @@ def test_detection_low_res_compares_epoch_23_high_res_the_last(tmp_path):
     assert rp.summarize(running).pending == "epoch 23 not reached yet"
 
 
+def test_the_23_0_row_measures_the_epoch_23_checkpoint_as_the_22_8_row(tmp_path):
+    """The blog's before/after RPN tuning rows are one model, torchvision's epoch-23 checkpoint of a 26-epoch
+    run: a training run of the before-tuning recipe is compared at epoch 23 (not its last epoch), an eval-only
+    run at its result, with a caveat when it evaluated another epoch's file. One rule, shared."""
+    before = published.row_by_name("Low-res, before RPN NMS tuning (test-time RPN top-n 1000/1000)")
+    after = published.row_by_name("Low-res 320, 320-640 px (COCO_V1)")
+    assert before.measure == after.measure == "epoch 23" and before.weights_of == after.name
+    for row in published.PUBLISHED:
+        if row.weights_of:
+            assert row.measure == published.row_by_name(row.weights_of).measure and row.variant, row.name
+    assert [r.measure for r in published.PUBLISHED if r.table == published.SEG_LOWRES] == ["epoch 28", "epoch 28", "last"]
+    rows = [{"epoch": e, "bbox_map": m} for e, m in ((22, 22.5), (23, 23.1), (24, 22.4), (25, 22.2))]
+    recipe = "recipes/detection/fasterrcnn_mobilenet_v3_large_320_fpn_no_rpn_tuning.yaml"
+    trained = make_run(tmp_path / "trained", script="train_detection.py", recipe=recipe,
+                       config={"schedule": {"epochs": 26}, "expected": {"bbox_map": 23.0}}, rows=rows)
+    s = rp.summarize(trained)
+    assert (s.row, s.compared.label, s.status) == (before, "epoch 23", "within ±0.3")
+    evaluated = make_run(tmp_path / "eval", script="train_detection.py", recipe=recipe,
+                         config={"expected": {"bbox_map": 23.0}}, overrides=("run.eval_only=true",),
+                         evaluation={"weights": "runs/low/checkpoints/epoch_023.pt", "bbox_map": 22.9})
+    s = rp.summarize(evaluated)
+    assert (s.row, s.compared.kind, s.status, s.notes) == (before, "eval", "within ±0.3", [])
+    assert "the weights of the row \"Low-res 320" in rp.write_run_report(evaluated).read_text()
+    wrong = make_run(tmp_path / "wrong", script="train_detection.py", recipe=recipe,
+                     config={"expected": {"bbox_map": 23.0}},
+                     evaluation={"weights": "runs/low/checkpoints/epoch_025.pt", "bbox_map": 22.9})
+    assert rp.summarize(wrong).notes == ["evaluated epoch_025.pt; the published number is of the epoch 23 "
+                                         "checkpoint"]
+
+
 def test_segmentation_report_and_low_res_eval(tmp_path):
     rows = [{"epoch": 27, "miou": 57.0, "pixel_acc": 91.0}, {"epoch": 28, "miou": 57.7, "pixel_acc": 91.6},
             {"epoch": 29, "miou": 58.5, "pixel_acc": 91.3}]
@@ -244,11 +275,11 @@ def test_published_rows_agree_with_torchvision_metadata():
     names = {"acc@1": "acc1", "acc@5": "acc5", "box_map": "bbox_map", "miou": "miou", "pixel_acc": "pixel_acc"}
     for name, w in weights.items():
         (meta,) = w.meta["_metrics"].values()
-        assert rp.row_by_name(name).values == {names[k]: v for k, v in meta.items()}, name
+        assert published.row_by_name(name).values == {names[k]: v for k, v in meta.items()}, name
 
 
 def test_comparison_rows_are_torchvision_metadata_not_the_blog_rounding():
-    rows = {name: values for _, name, values, _ in rp.comparison_rows()}
+    rows = {name: values for _, name, values, _ in published.comparison_rows()}
     assert rows["MobileNetV2"] == {"acc1": 71.878, "acc5": 90.286}
     assert rows["ResNet50"] == {"acc1": 76.130, "acc5": 92.862}
     assert rows["ResNet18"] == {"acc1": 69.758, "acc5": 89.078}
@@ -265,7 +296,7 @@ def test_every_published_recipe_maps_to_one_published_row():
             assert rel not in mapped
             continue
         assert rel in mapped, f"{rel}: its expected {expected} is no published row's"
-        row = rp.match_row(rel, None, expected)
+        row = published.match_row(rel, None, expected)
         assert all(expected.get(k) == v for k, v in row.values.items()), rel
     assert recipes["6. + label smoothing, stochastic depth, LR noise (not released)"] == [
         "recipes/ablation/6_label_smoothing_sd_lr_noise.yaml", "recipes/large_improved.yaml"]
@@ -273,7 +304,7 @@ def test_every_published_recipe_maps_to_one_published_row():
 
 
 def test_large_improved_is_not_called_published():
-    row = rp.row_by_name("6. + label smoothing, stochastic depth, LR noise (not released)")
+    row = published.row_by_name("6. + label smoothing, stochastic depth, LR noise (not released)")
     assert "never published" in row.note and "0.2 * (i+1)/15" in row.note
     for rel in ("recipes/large_improved.yaml", "recipes/ablation/6_label_smoothing_sd_lr_noise.yaml"):
         text = (ROOT / rel).read_text()
@@ -312,14 +343,14 @@ def test_tool_table_follows_the_published_order_and_marks_missing_rows(tmp_path,
     assert out.read_text() == text
     lines = text.splitlines()
     # every published row once, in the catalogue's order, and the catalogue in the published tables' order
-    positions = [next(i for i, line in enumerate(lines) if line.startswith(f"| {row.name}")) for row in rp.PUBLISHED]
+    positions = [next(i for i, line in enumerate(lines) if line.startswith(f"| {row.name}")) for row in published.PUBLISHED]
     assert positions == sorted(positions)
-    assert [r.table for r in rp.PUBLISHED] == sorted((r.table for r in rp.PUBLISHED), key=rp.TABLES.index)
-    assert [r.name.split(".")[0] for r in rp.PUBLISHED[:6]] == ["1", "2", "3", "4", "5", "6"]
-    sections = [next(i for i, line in enumerate(lines) if line.startswith(f"| **{t}**")) for t in rp.TABLES]
+    assert [r.table for r in published.PUBLISHED] == sorted((r.table for r in published.PUBLISHED), key=published.TABLES.index)
+    assert [r.name.split(".")[0] for r in published.PUBLISHED[:6]] == ["1", "2", "3", "4", "5", "6"]
+    sections = [next(i for i, line in enumerate(lines) if line.startswith(f"| **{t}**")) for t in published.TABLES]
     assert sections == sorted(sections) and sections[0] < positions[0]
     no_run = {line.split(" | ")[0].lstrip("| ").split(" [")[0] for line in lines if "| no run yet |" in line}
-    assert no_run == {r.name for r in rp.PUBLISHED} - {
+    assert no_run == {r.name for r in published.PUBLISHED} - {
         "1. Baseline, MobileNetV2-style hyperparameters", "MobileNetV3-Large (IMAGENET1K_V1)",
         "QAT, int8 (IMAGENET1K_QNNPACK_V1)", "Low-res 320, 320-640 px (COCO_V1)",
         "LR-ASPP MobileNetV3-Large (COCO_WITH_VOC_LABELS_V1)"}
@@ -327,8 +358,8 @@ def test_tool_table_follows_the_published_order_and_marks_missing_rows(tmp_path,
     def run_lines(run: Path) -> list[int]:
         return [i for i, line in enumerate(lines) if f"| `{run}` |" in line]
 
-    large = rp.row_by_name("MobileNetV3-Large (IMAGENET1K_V1)")
-    at = positions[rp.PUBLISHED.index(large)]
+    large = published.row_by_name("MobileNetV3-Large (IMAGENET1K_V1)")
+    at = positions[published.PUBLISHED.index(large)]
     assert run_lines(runs["large"]) == [at, at + 1]                # last epoch, then the averaging row of its own
     cells = _cells(lines[at + 1])
     assert cells[:5] == ["", "", "", "", f"`{runs['large']}`"]
@@ -360,6 +391,26 @@ def test_tool_errors_name_the_path(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and f"report.py: error: {tmp_path / 'empty'}: no run directory here" in proc.stderr
 
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--plot", "r.xyz", "--plot {d}/r.xyz: unknown image format .xyz; expected one of .avif, .eps"),
+    ("--plot", "r", "--plot {d}/r: unknown image format (no suffix); expected one of"),
+    ("--out", "r.png", "--out {d}/r.png: the report is Markdown; expected a file ending in .md, .markdown, .txt"),
+    ("--out", "sub", "--out {d}/sub: is a directory; give a file name"),
+    ("--plot", "afile/r.png", "--plot {d}/afile/r.png: {d}/afile is a file, not a directory"),
+])
+def test_tool_bad_out_or_plot_is_one_message_and_exit_2(tmp_path, option, value, message):
+    from tests.conftest import run_in_process
+
+    run = _large_run(tmp_path / "run")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "afile").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_in_process("tools/report.py", [run, option, tmp_path / value], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("report.py: error: " + message.format(d=tmp_path)), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == before
 
 # ============================================================================ a real toy run of recipes/large.yaml
 
@@ -415,3 +466,17 @@ def test_a_torn_metrics_line_is_skipped_and_said(tmp_path):
         fh.write('{"epoch": 600, "acc1": 7')                            # killed mid-write
     s = rp.summarize(run)
     assert s.status == "within ±0.2" and "metrics.jsonl: 1 unreadable line(s) skipped" in s.notes
+
+
+def test_engine_does_not_import_the_report_layer():
+    """engine/ keeps what training needs: the report, the tables and the launcher (reproduce/) sit above the
+    scripts, which hand the report to their run directory."""
+    import ast
+
+    for path in sorted((ROOT / "engine").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] == "reproduce"], path
+    for script in ("train_classification.py", "train_detection.py", "train_qat.py", "train_segmentation.py"):
+        assert "report=write_run_report)" in (ROOT / script).read_text(), script
