@@ -60,7 +60,20 @@ LONG = ["schedule.epochs=35"]  # about 28 s of training on 2 idle cores
 SHORT = ["schedule.epochs=2", "data.val_resize=128", "data.val_crop=112"]
 SIGNAL_AFTER = 22  # --time=1 --signal=USR1@8: signalled at the first check after 60 - 8 - 30 = 22 s
 SUBMIT_AFTER_CHECK = 4
-STOPPED = rf"stopped by SIGUSR1 at epoch (\d+), optimizer step (\d+)/{STEPS}"
+# mid-epoch (epoch, step) or, when the signal came during validation, after the epoch's checkpoint (epoch)
+STOPPED = (rf"stopped by SIGUSR1 (?:at epoch (\d+), optimizer step (\d+)/{STEPS}"
+           rf"|at the end of epoch (\d+) \(after its evaluation\))")
+
+
+def _resumed_line(out, match: re.Match) -> str:
+    """The line the next allocation must print after the stop `match` (of STOPPED)."""
+    epoch, step, evaluated = match.groups()
+    if evaluated is not None:
+        return f"resumed from {out / 'checkpoints/last.pt'} (epoch {evaluated} done); continuing at epoch " \
+               f"{int(evaluated) + 1}\n"
+    # one micro-batch per optimizer step here: the run continues at the micro-batch it stopped before
+    return (f"resumed from {out / 'checkpoints/last.pt'} (epoch {int(epoch) - 1} done); continuing at "
+            f"epoch {epoch}, micro-batch {step}\n")
 
 
 def _env() -> dict:
@@ -214,10 +227,9 @@ def test_requeued_job_log_says_which_restart_and_where_it_resumed(requeued):
     counts, sections = [int(c) for c in parts[1::2]], parts[2::2]
     assert counts == list(range(int(info["Restarts"]) + 1)), text[-4000:]
     for before, after in zip(sections, sections[1:]):
-        epoch, step = re.search(STOPPED, before).groups()
-        # one micro-batch per optimizer step here: the run continues at the micro-batch it stopped before
-        assert (f"resumed from {out / 'checkpoints/last.pt'} (epoch {int(epoch) - 1} done); continuing at "
-                f"epoch {epoch}, micro-batch {step}") in after, after[:3000]
+        stop = re.search(STOPPED, before)
+        assert stop is not None, before[-3000:]
+        assert _resumed_line(out, stop) in after, after[:3000]
     assert "stopped by" not in sections[-1] and "resumed from" in sections[-1]
 
 
