@@ -4,9 +4,11 @@
 only reads, and refuses, before anything is written:
 - a directory that cannot be created or written is an error naming it;
 - a directory another run is using is refused, naming that run's host and pid: the main process
-  holds an exclusive lock (flock) on `run.lock` for the run's lifetime. The OS releases it when the
-  process ends, however it ends, so a requeued job never meets a stale lock; the other ranks learn
-  rank 0's answer from a collective, so a refusal stops every rank;
+  holds an exclusive lock on `run.lock` for the run's lifetime. The OS releases it when the process
+  ends, however it ends, so a requeued job never meets a stale lock. It is a POSIX record lock
+  (fcntl.lockf), not flock: a flock would be shared with the loader workers the process forks and
+  outlive a killed main process for as long as they do. The other ranks learn rank 0's answer from
+  a collective, so a refusal stops every rank;
 - temporary files of an interrupted save are removed;
 - a directory that already holds a run (checkpoints, or metrics) is refused unless
   `run.resume=auto` (or a path) continues it; an eval-only run into it writes to its `eval/`;
@@ -53,7 +55,7 @@ class Run:
     def __init__(self, cfg: Any, dist: DistState, out_dir: Path, log: runlog.RunLog, state: dict | None,
                  resume_path: Path | None, changes: dict[str, tuple[Any, Any]], notes: list[str], lock=None):
         self.cfg, self.dist, self.out_dir, self.log = cfg, dist, out_dir, log
-        self.lock = lock  # the open run.lock (main process): the lock lasts as long as this file object
+        self.lock = lock  # the open run.lock (main process): the lock lasts until it is closed
         self.state, self.resume_path, self.changes = state, resume_path, changes
         for note in notes:
             log.info(note)
@@ -127,8 +129,8 @@ def _lock(out_dir: Path, dist: DistState):
         path = out_dir / LOCK_FILE
         fh = open(path, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
             fh.seek(0)
             holder = fh.read().strip() or "unknown"
             fh.close()

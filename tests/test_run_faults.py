@@ -167,12 +167,13 @@ def test_a_second_start_on_a_running_directory_is_refused_naming_the_holder(toy_
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert f"{out} is in use by another run (host {platform.node()}, pid {first.pid};" in second.stderr, \
             second.stderr
+        os.kill(first.pid, signal.SIGKILL)  # the main process dies without cleaning up; its loader workers
+        first.wait(timeout=60)               # live on a few seconds: the lock must not live with them
+        # the lock of a dead run is not stale: the next start gets past it (and is refused for the recipe)
+        again = run_in_process("train_classification.py", fast(toy_data / "imagenet", out, *SLOW_VAL,
+                                                               "run.resume=auto", "optimizer.lr=0.5"), tmp_path)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # dies without cleaning up: the OS releases the lock
-        first.wait(timeout=60)
-    # the lock of a dead run is not stale: the next start gets past it (and is refused for the recipe only)
-    again = run_in_process("train_classification.py", fast(toy_data / "imagenet", out, *SLOW_VAL,
-                                                           "run.resume=auto", "optimizer.lr=0.5"), tmp_path)
+        os.killpg(first.pid, signal.SIGKILL)
     assert again.returncode == 1 and "holds a run of another recipe" in again.stderr, again.stderr
     assert (out / "run.lock").read_text().strip() == f"host {platform.node()}, pid {os.getpid()}"
 
@@ -182,7 +183,7 @@ def test_every_rank_stops_when_rank_0_finds_the_directory_locked(toy_data, tmp_p
     out = tmp_path / "run"
     out.mkdir()
     with open(out / "run.lock", "w") as holder:  # another run's lock, held by this process
-        fcntl.flock(holder, fcntl.LOCK_EX)
+        fcntl.lockf(holder, fcntl.LOCK_EX)
         holder.write("host elsewhere, pid 4242\n")
         holder.flush()
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
