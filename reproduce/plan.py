@@ -13,13 +13,13 @@ in metrics.jsonl, the report its files, newer than every run it gathers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import yaml
 
 from reproduce.published import PUBLISHED, TABLE_NAMES, PublishedRow, recipes_by_row, row_by_name
+from reproduce.report import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"classification": "train_classification.py", "qat": "train_qat.py",
@@ -84,7 +84,7 @@ class Step:
             return final_epoch_done(self.run_dir)
         if self.kind == "average":
             return self.outputs[0].is_file() and any(r.get("row") == "checkpoint averaging"
-                                                     for r in _rows(self.run_dir / "metrics.jsonl"))
+                                                     for r in read_rows(self.run_dir / "metrics.jsonl")[0])
         newest = max((marker(steps[d]) for d in self.deps), default=0.0) if steps else 0.0
         return all(p.is_file() and p.stat().st_mtime >= newest for p in self.outputs)
 
@@ -95,29 +95,13 @@ def final_epoch_done(run_dir: Path) -> bool:
         epochs = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})["schedule"]["epochs"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return False
-    return any(r.get("epoch") == epochs - 1 and "row" not in r for r in _rows(run_dir / "metrics.jsonl"))
+    return any(r.get("epoch") == epochs - 1 and "row" not in r for r in read_rows(run_dir / "metrics.jsonl")[0])
 
 
 def marker(step: Step) -> float:
     """When a finished step last changed what the report reads (0 when unknown)."""
     files = [step.run_dir / "metrics.jsonl", step.run_dir / "eval.json", *step.outputs]
     return max((p.stat().st_mtime for p in files if p.is_file()), default=0.0)
-
-
-def _rows(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            out.append(row)
-    return out
 
 
 # ============================================================================ the rows of a table

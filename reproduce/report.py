@@ -111,7 +111,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
     config = _read_yaml(run_dir / "config.yaml")
     env = _read_json(run_dir / "env.json")
     ev = _read_json(run_dir / "eval.json")
-    rows, unreadable = _read_rows(run_dir / "metrics.jsonl")
+    rows, unreadable = read_rows(run_dir / "metrics.jsonl")
     argv = [str(a) for a in env.get("argv") or []]
     recipe = _recipe_from_argv(argv)
     expected = dict(config.get("expected") or ev.get("expected") or {})
@@ -402,7 +402,7 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _read_rows(path: Path) -> tuple[list[dict], int]:
+def read_rows(path: Path) -> tuple[list[dict], int]:
     """metrics.jsonl's rows, and how many lines could not be read (a run killed mid-write)."""
     try:
         lines = [line for line in path.read_text().splitlines() if line.strip()]

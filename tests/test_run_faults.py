@@ -199,7 +199,6 @@ def test_every_rank_stops_when_rank_0_finds_the_directory_locked(toy_data, tmp_p
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_its_row_restored_on_resume(toy_data, finished_run, tmp_path):
-    import average_checkpoints as avg
 
     out = _copy(finished_run, tmp_path / "run")
     rows = _rows(out)
