@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from engine import checkpoint
+from engine import checkpoint, rundir
 from engine.config import ConfigError, load_config_dict
 from engine.errors import UserError
 from engine.runlog import improved, read_metrics
@@ -222,8 +222,17 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--run needs --select")
     if args.eval and args.run is None:
         ap.error("--eval needs --run (it uses the run's recipe)")
-    if args.eval:
-        check_eval(args.run, args.out)
+    if not args.eval:
+        return _average(args)
+    check_eval(args.run, args.out)
+    held = rundir.lock_dir(args.run)  # --eval rewrites metrics.jsonl: never beside a run still writing it
+    try:
+        return _average(args)
+    finally:
+        held.close()
+
+
+def _average(args: argparse.Namespace) -> dict:
     key = "model_ema" if args.weights == "ema" else "model"
 
     if args.run is not None:

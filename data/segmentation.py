@@ -44,6 +44,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from data.classification import IMAGENET_MEAN, IMAGENET_STD, decode
+from engine import checkpoint
 from engine.datacheck import size_mismatch
 from engine.errors import DataError
 from engine.seeding import sample_seed
@@ -266,6 +267,7 @@ class MaskCache:
         except OSError as exc:
             raise DataError(f"data.mask_cache: cannot write to {self.dir} ({exc.strerror or exc})") from None
         try:
+            os.fchmod(fd, checkpoint.file_mode())  # shared like the run's files, not mkstemp's 0600
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, path)

@@ -36,7 +36,7 @@ def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -57,6 +57,11 @@ def _no_space(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def file_mode() -> int:
+    """The mode a plain open() gives a new file (0666 & ~umask), for files made through mkstemp (0600)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -108,7 +108,7 @@ def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset(
         note = f"{out_dir} holds a training run: this evaluation is written to {out_dir / EVAL_SUBDIR}"
         out_dir = out_dir / EVAL_SUBDIR
     _make_dir(out_dir)
-    lock = _lock(out_dir, dist)
+    lock = lock_dir(out_dir, dist)
     try:
         run = _open(cfg, dist, out_dir, operational)
         if note:
@@ -121,9 +121,10 @@ def open_run(cfg: Any, dist: DistState, operational: frozenset[str] = frozenset(
     return run
 
 
-def _lock(out_dir: Path, dist: DistState):
-    """The main process's exclusive lock on the run directory (the open file), or RunDirError on every
-    rank when another process holds it."""
+def lock_dir(out_dir: Path, dist: DistState = DistState()):
+    """The main process's exclusive lock on the run directory (the open file: the lock lasts until it is
+    closed or the process ends), or RunDirError on every rank when another process holds it. Also taken
+    by average_checkpoints.py --eval, which rewrites the run's metrics.jsonl and report.md."""
     fh, problem = None, None
     if dist.is_main:
         path = out_dir / LOCK_FILE

@@ -199,3 +199,31 @@ def test_eval_of_a_run_of_another_script_is_one_message_before_averaging(tmp_pat
     assert str(err.value) == (f"--eval evaluates classification runs; {run} is a run of {script}. Average without "
                               f"--eval, then evaluate: python {script} --recipe {run / 'config.yaml'} "
                               f"run.eval_only=true model.weights={tmp_path / 'avg.pt'}")
+
+
+def test_eval_into_a_run_another_process_holds_is_refused_before_averaging(tmp_path, monkeypatch):
+    """--eval rewrites the run's metrics.jsonl and report.md: a run directory locked by a training run that
+    is still going (another process, as the lock is per process) is refused, naming the holder."""
+    import subprocess
+    import sys
+
+    from engine import rundir
+    from engine.errors import RunDirError
+    from tests.conftest import ROOT
+
+    run, _ = _write_run(tmp_path, [{"epoch": e, "acc1": float(e)} for e in range(2)])
+    (run / "config.yaml").write_text("model: {name: mobilenet_v3_small}\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from engine import rundir; "
+         "h = rundir.lock_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _no_averaging(monkeypatch)
+        with pytest.raises(RunDirError, match=rf"{run} is in use by another run \(host \S+, pid {holder.pid};"):
+            avg.main(["--run", str(run), "--select", "last:2", "--out", str(tmp_path / "avg.pt"), "--eval"])
+        assert not (tmp_path / "avg.pt").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    rundir.lock_dir(run).close()  # released when its holder ended: the next --eval gets it

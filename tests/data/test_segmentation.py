@@ -323,3 +323,23 @@ def test_scores_skip_classes_absent_from_ground_truth_and_predictions():
     assert s["iou"][:3] == pytest.approx([100 / 3, 200 / 3, 50]) and s["iou"][3:] == [None] * 18
     assert s["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert s["pixel_acc"] == pytest.approx(100 * 4 / 6)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_mask_cache_files_get_the_mode_a_plain_open_would(tmp_path, umask):
+    """A team shares one mask cache: its files follow the umask, not mkstemp's 0600."""
+    import os
+
+    from data.segmentation import MaskCache
+
+    old = os.umask(umask)
+    try:
+        cache = MaskCache(tmp_path, "val", "key")
+        mask = cache.get(7, lambda: np.arange(12, dtype=np.uint8).reshape(3, 4))
+        cache.write_index(1)
+    finally:
+        os.umask(old)
+    assert torch.equal(mask, torch.arange(12, dtype=torch.uint8).reshape(3, 4))
+    assert torch.equal(cache.get(7, lambda: None), mask)  # read back from the file
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cache.dir.iterdir()}
+    assert modes == {"7.png": 0o666 & ~umask, "index.json": 0o666 & ~umask}
