@@ -13,6 +13,7 @@ in metrics.jsonl, the report its files, newer than every run it gathers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class RowSpec:
     variant: tuple[str, ...] = ()           # with weights_of: overrides of the eval-only run
     overrides: tuple[str, ...] = ()         # of its command (expected.* of a row matched by its values)
     starts_from: str = ""                   # key of the row whose weights it starts from ("" = options/recipe)
+    trained_by: str = ""                    # key of an earlier row with the same training (its run is measured)
     select: str = "last-improved:3"         # the averaging rule (measure "averaged")
 
 
@@ -137,7 +139,30 @@ def rows(table: str) -> list[RowSpec]:
     bases = [row_by_name(r.weights_of) for r in wanted if r.weights_of]
     wanted = [r for r in bases if r not in wanted] + wanted
     found = recipes_by_row(ROOT)
-    return [_spec(r, found) for r in wanted]
+    return _share_training([_spec(r, found) for r in wanted])
+
+
+def _share_training(specs: list[RowSpec]) -> list[RowSpec]:
+    """Rows whose recipes train the same thing share one training run: tuning rows 4 and 5 are one
+    recipe's training (row 5 averages its checkpoints), and so is the released Large row. A later row is
+    an evaluation of the first one's run, measured its own way (its last epoch, an epoch, an average)."""
+    first: dict[str, str] = {}
+    out = []
+    for spec in specs:
+        if not (spec.weights_of or spec.measure == "final" or spec.overrides or spec.starts_from):
+            key = first.setdefault(_training(spec.recipe), spec.key)
+            if key != spec.key:
+                spec = dataclasses.replace(spec, trained_by=key)
+        out.append(spec)
+    return out
+
+
+def _training(recipe: str) -> str:
+    """What a recipe trains: everything but where it writes and the published numbers it is compared with."""
+    cfg = yaml.safe_load((ROOT / recipe).read_text()) or {}
+    cfg.pop("expected", None)
+    (cfg.get("run") or {}).pop("output_dir", None)
+    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 def _spec(row: PublishedRow, found: dict[str, list[str]]) -> RowSpec:
@@ -195,6 +220,15 @@ def steps(table: str, opts: Options) -> list[Step]:
         # the report compares it
 
     for spec in specs:
+        if spec.trained_by:  # an earlier row's training run, measured this row's way, evaluated with its recipe
+            base = by_key[spec.trained_by]
+            measured = dataclasses.replace(base, measure=spec.measure, select=spec.select)
+            file, dep = weights(measured)
+            if dep.endswith(".average"):
+                add(_average_step(measured, trained(base)))
+            cmd = _script_command(spec, opts, opts.out / spec.key, ["run.eval_only=true", f"model.weights={file}"])
+            add(Step(f"{_name(spec.key)}.eval", "eval", spec.task, cmd, opts.out / spec.key, (dep,)))
+            continue
         if spec.weights_of:  # the base row's training run (and averaging), its weights evaluated again
             base = by_key[spec.weights_of]
             add(_train_step(base, opts, trained(base), *_start(base, by_key, weights, opts)))

@@ -220,6 +220,21 @@ def test_rows_that_share_a_training_run_share_it():
     released = {s.name: s for s in plan.steps("released", opts)}
     assert released["mobilenet_v3_large.average"].command[-5:] == [
         "--metric", "acc1", "--out", "/out/mobilenet_v3_large/averaged.pt", "--eval"]
+    # tuning rows 4 and 5 are one recipe's training: row 5 is an evaluation of its average, with its recipe
+    tuning = {s.name: s for s in plan.steps("tuning", opts)}
+    assert [s for s in tuning if s.endswith(".train")] == [
+        "ablation-1_baseline.train", "ablation-2_rmsprop_default_eps.train",
+        "ablation-3_rmsprop_adjusted_eps_lr.train", "ablation-4_augmentation_tuned.train",
+        "mobilenet_v3_large_improved.train"]
+    average = tuning["ablation-4_augmentation_tuned.average"]
+    assert average.deps == ("ablation-4_augmentation_tuned.train",)
+    assert average.command[:5] == ["average_checkpoints.py", "--run", "/out/ablation/4_augmentation_tuned",
+                                   "--select", "last-improved:3"]
+    row5 = tuning["ablation-5_checkpoint_averaging.eval"]
+    assert row5.deps == ("ablation-4_augmentation_tuned.average",) and row5.run_dir == Path(
+        "/out/ablation/5_checkpoint_averaging")
+    assert {"recipes/ablation/5_checkpoint_averaging.yaml", "run.eval_only=true",
+            "model.weights=/out/ablation/4_augmentation_tuned/averaged.pt"} <= set(row5.command)
     toy = plan.steps("toy", opts)  # on a fresh machine the toy data is written first
     assert (toy[0].name, toy[0].command) == ("toy_data.make", ["tools/make_toy_data.py", "--out", "/data"])
     assert [s.name for s in toy if s.deps == ("toy_data.make",)] == ["toy_classification.train"]
