@@ -23,7 +23,8 @@ LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 ENV = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}, "OMP_NUM_THREADS": "1"}
 PROBE = ("import json, torch.distributed as td; from engine import distributed; s = distributed.init('cpu'); "
          "ranks = [None, None]; td.all_gather_object(ranks, s.rank); "
-         "print(json.dumps([s.rank, s.world_size, s.local_rank, str(s.device), s.is_main, ranks]))")
+         "print(json.dumps([s.rank, s.world_size, s.local_rank, str(s.device), s.is_main, ranks])); "
+         "distributed.shutdown()")  # as every script does: a gloo group alive at exit can abort the process
 
 
 def free_port() -> int:
