@@ -123,7 +123,8 @@ def derived(cfg: Config, world_size: int | None = None, n_train: int | None = No
 def main(cfg: Config) -> dict:
     dist = distributed.init(cfg.run.device)
     device = dist.device
-    run = rundir.open_run(cfg, dist, OPERATIONAL, report=write_run_report)  # refuses a foreign run directory before any write
+    # refuses a foreign run directory (or one another run holds) before any write
+    run = rundir.open_run(cfg, dist, OPERATIONAL, report=write_run_report)
     log = run.log
     seeding.seed_everything(cfg.run.seed + dist.rank)
     set_backends(device, cfg.train.cudnn_benchmark, cfg.train.tf32)

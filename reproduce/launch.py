@@ -12,6 +12,7 @@ directory (every command carries run.resume=auto).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import shlex
@@ -109,9 +110,7 @@ def table_text(all_steps: list[Step], st: dict[str, State]) -> str:
     lines = [f"{'step':{width}s}  {'state':8s}  detail"]
     for s in order(all_steps):
         lines.append(f"{s.name:{width}s}  {st[s.name].state:8s}  {st[s.name].detail}".rstrip())
-    counts = {}
-    for v in st.values():
-        counts[v.state] = counts.get(v.state, 0) + 1
+    counts = collections.Counter(v.state for v in st.values())
     lines.append(", ".join(f"{n} {k}" for k, n in counts.items()))
     return "\n".join(lines)
 
