@@ -1,6 +1,6 @@
 """Every command quoted in the project runs as written.
 
-Commands are extracted from the comments of every recipe, README.md (code blocks and inline code) and
+Commands are extracted from the comments of every recipe, README.md and docs/*.md (code blocks and inline code) and
 the docstrings of the scripts (top level, tools/, bench/). Each is checked for what it would do:
 - train_*.py: `--print-config` with the quoted arguments exits 0 (torchrun's --nproc_per_node becomes
   WORLD_SIZE, so derived values are the launch's); a README example shown with its error output
@@ -139,7 +139,8 @@ def all_quoted() -> list[Quoted]:
     out: list[Quoted] = []
     for path in sorted((ROOT / "recipes").rglob("*.yaml")):
         out += commands_in_recipe(path)
-    out += commands_in_markdown(ROOT / "README.md")
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        out += commands_in_markdown(path)
     for folder in (ROOT, ROOT / "tools", ROOT / "bench"):
         for path in sorted(folder.glob("*.py")):
             out += commands_in_docstring(path)
@@ -156,6 +157,7 @@ def test_extraction_finds_the_known_commands():
         "--out runs/mobilenet_v3_large/averaged.pt --eval --export",                      # recipe, continued
         "torchrun --nproc_per_node=8 train_classification.py --recipe recipes/large.yaml data.root=/data/imagenet",
         "python tools/report.py runs/mobilenet_v3_large    # both commands above also write its report.md",
+        "python tools/reproduce.py toy --jobs 2",                                          # docs/reproducing.md
         "make demo",                                                                        # inline in README
         "python tools/demo.py [--data toy_data] [--out runs/demo]",                         # a docstring
     ]:
