@@ -241,10 +241,11 @@ class ShardSource:
 
     def read(self, i: int) -> bytes:
         shard, offset, length = int(self._shard[i]), int(self._offset[i]), int(self._length[i])
-        data = os.pread(self._fd(shard), length, offset)
+        fd = self._fd(shard)
+        data = os.pread(fd, length, offset)
         if len(data) != length:
             raise DataError(f"{self.files[shard]}: shard truncated: sample {self.names[i]} is at bytes {offset}.."
-                            f"{offset + length} but the file ends at {offset + len(data)} (its index says "
+                            f"{offset + length} but the file ends at {os.fstat(fd).st_size} (its index says "
                             f"{self.sizes[shard]} bytes); copy the set again or rewrite it")
         return data
 
@@ -526,22 +527,29 @@ def stage(src_root: str | Path, dest_dir: str | Path | None = None, log=print) -
         if need > free:
             raise DataError(f"{dest}: not enough space to stage {src}: {_gb(need)} to copy, {_gb(free)} free on "
                             "that disk; free space there or stage elsewhere (--dest / STAGE_DATA=PATH)")
-        start, copied = time.perf_counter(), 0
-        for n, (rel, size, sha) in enumerate(todo):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                _copy_checked(src / rel, dest / rel, size, sha)
-            except FileNotFoundError as exc:
-                raise DataError(f"{exc.filename}: missing (listed in {src / MANIFEST})") from None
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise DataError(f"{dest}: no space left on device while staging {rel} ({_gb(copied)} of "
-                                    f"{_gb(need)} copied); the staged set is not marked complete; free space "
-                                    "there or stage elsewhere (--dest / STAGE_DATA=PATH)") from None
-                raise DataError(f"{dest / rel}: cannot stage ({exc.strerror})") from None
-            copied += size
-        shutil.copyfile(src / MANIFEST, dest / MANIFEST)
-        _atomic_write(stamp, json.dumps({"manifest_sha256": digest, "source": str(src)}).encode())
+        start, copied, rel = time.perf_counter(), 0, MANIFEST
+        try:
+            for rel, size, sha in todo:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    _copy_checked(src / rel, dest / rel, size, sha)
+                except FileNotFoundError as exc:
+                    if Path(exc.filename or "").is_relative_to(dest):
+                        raise
+                    raise DataError(f"{src / rel}: missing (listed in {src / MANIFEST}); the shard set is "
+                                    "incomplete: rewrite it with tools/make_shards.py") from None
+                copied += size
+            rel = MANIFEST
+            shutil.copyfile(src / MANIFEST, dest / MANIFEST)
+            _atomic_write(stamp, json.dumps({"manifest_sha256": digest, "source": str(src)}).encode())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                for leftover in (dest / (rel + PARTIAL), stamp.with_name(stamp.name + PARTIAL)):
+                    leftover.unlink(missing_ok=True)
+                raise DataError(f"{dest}: no space left on device while staging {rel} ({_gb(copied)} of "
+                                f"{_gb(need)} copied); the staged set is not marked complete; free space there or "
+                                "stage elsewhere (--dest / STAGE_DATA=PATH)") from None
+            raise DataError(f"{dest / rel}: cannot stage ({exc.strerror or exc})") from None
         secs = time.perf_counter() - start
         log(f"stage: copied {len(todo)} of {len(files)} files ({_gb(copied)}) of {src} to {dest} in {secs:.1f} s, "
             "SHA-256 checked")
