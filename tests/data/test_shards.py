@@ -261,3 +261,12 @@ def test_a_full_local_disk_is_one_message_and_nothing_looks_complete(written, tm
         assert not (disk / written.name / "manifest.json").exists()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_the_benchmark_counts_one_open_per_file_and_per_shard(toy_data, tmp_path, capsys):
+    from bench import shards as bench
+
+    result = bench.main(["--data", str(toy_data), "--images", "300", "--per-shard", "100", "--reps", "1",
+                         "--cache", "fadvise", "--work", str(tmp_path)])
+    assert result["opens"] == {"folder": 300, "shards": result["shards"]} and result["shards"] == 3
+    assert "files opened/epoch" in capsys.readouterr().out
