@@ -153,9 +153,6 @@ def main(argv=None) -> dict:
     print(f"writing the shards (cold source, SHA-256 + read-back check): {write_s:.1f} s for {n} images = "
           f"{n / write_s:.0f} images/s; extrapolated linearly per 100k images of this size: {write_s * per_100k:.0f} s, "
           f"{shard_bytes * per_100k / 1e9:.2f} GB of shards (the folder: {folder_bytes * per_100k / 1e9:.2f} GB on disk)")
-    mbps = sum(s["bytes"] for s in index["shards"]) / write_s / 1e6
-    print(f"  by bytes ({mbps:.0f} MB/s written here): {110e3 * 1e5 / (mbps * 1e6):.0f} s per 100k images of "
-          "ImageNet's mean 110 kB (11 GB), if the source reads as fast as this one")
     print(f"machine: {machine()}")
     shutil.rmtree(out, ignore_errors=True)
     return {"images": n, "shards": len(index["shards"]), "opens": opens, "images_per_s": {k: n / v for k, v in med.items()}, "write_s": write_s,
