@@ -208,9 +208,8 @@ class CocoDetection(Dataset):
                             "iscrowd), so its box mAP is undefined; expected the instances file of the "
                             "validation images with their ground-truth boxes")
         self.train, self.hflip, self.seed = train, hflip, seed
-        if self.shards is not None:  # annotation entry j -> its shard sample (looked up by file name)
-            where = {n: k for k, n in enumerate(self.shards.names)}
-            self.in_shards = [where[f] for f in self.ann.files]
+        if self.shards is not None:  # annotation entry j -> its shard sample (by file name, image id checked)
+            self.in_shards = self.shards.match(self.ann.files, self.ann.image_ids, self.ann_file)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -402,14 +402,9 @@ class CocoVoc(Dataset):
         self.images = [(im["id"], im["file_name"], int(im["height"]), int(im["width"])) for im in images]
         self.anns = {im[0]: by_image.get(im[0], []) for im in self.images}
         self.shards = open_split(self.image_dir, data_format, "files")  # None: the folder's files
-        if self.shards is not None:  # item -> its shard sample (by file name); absent ones named now
-            where = {n: k for k, n in enumerate(self.shards.names)}
-            absent = [name for _, name, _, _ in self.images if name not in where]
-            if absent:
-                raise DataError(f"{self.ann_file}: lists {len(absent)} image(s) that the shard set {self.image_dir} "
-                                f"does not hold, e.g. {absent[0]} (the shards were written from another annotation "
-                                "file?)")
-            self.in_shards = [where[name] for _, name, _, _ in self.images]
+        if self.shards is not None:  # item -> its shard sample (by file name, image id checked)
+            self.in_shards = self.shards.match([im[1] for im in self.images], [im[0] for im in self.images],
+                                               self.ann_file)
         self.cache = MaskCache(Path(cache_root), split, key)
         self.cache.write_index(len(self.images))
 

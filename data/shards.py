@@ -111,13 +111,14 @@ def load_index(split_dir: str | Path) -> dict:
         names = [str(n) for n in samples["name"]]
         cols = {k: np.asarray(samples[k], dtype=np.int64) for k in ("shard", "offset", "length")}
         labels = np.asarray(samples["label"], dtype=np.int64) if doc["kind"] == "imagefolder" else None
+        image_ids = np.asarray(samples["image_id"], dtype=np.int64) if doc["kind"] == "files" else None
         sizes = np.asarray([int(s["bytes"]) for s in shards], dtype=np.int64)
         files = [str(s["file"]) for s in shards]
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: damaged shard index (missing or mistyped {exc}); rewrite the set with "
                         "tools/make_shards.py") from None
     n = len(names)
-    if any(len(c) != n for c in cols.values()) or (labels is not None and len(labels) != n):
+    if any(len(c) != n for c in (*cols.values(), *(a for a in (labels, image_ids) if a is not None))):
         raise DataError(f"{path}: damaged shard index: its sample lists have different lengths")
     shard, offset, length = cols["shard"], cols["offset"], cols["length"]
     if n and (shard.min() < 0 or shard.max() >= len(files)):
@@ -129,7 +130,7 @@ def load_index(split_dir: str | Path) -> dict:
                         f"lies outside {files[shard[i]]} ({sizes[shard[i]]} bytes)")
     if labels is not None and n and (labels.min() < 0 or labels.max() >= len(doc.get("classes") or [])):
         raise DataError(f"{path}: damaged shard index: labels outside its {len(doc.get('classes') or [])} classes")
-    doc["samples"] = {"name": names, **cols, "label": labels}
+    doc["samples"] = {"name": names, **cols, "label": labels, "image_id": image_ids}
     doc["_sizes"], doc["_files"] = sizes, files
     return doc
 
@@ -186,7 +187,7 @@ class ShardSource:
         self.classes: list[str] = list(index.get("classes") or [])
         s = index["samples"]
         self.names: list[str] = s["name"]
-        self.labels = s["label"]
+        self.labels, self.image_ids = s["label"], s["image_id"]
         self._shard, self._offset, self._length = s["shard"], s["offset"], s["length"]
         self.files = [self.dir / f for f in index["_files"]]
         self.sizes = index["_sizes"]
@@ -248,6 +249,24 @@ class ShardSource:
                             f"{offset + length} but the file ends at {os.fstat(fd).st_size} (its index says "
                             f"{self.sizes[shard]} bytes); copy the set again or rewrite it")
         return data
+
+    def match(self, files: Sequence[str], image_ids: Sequence[int], ann_file: Path) -> list[int]:
+        """The shard sample of each (file_name, image id) of an annotation file; a DataError naming the
+        annotation file if one is absent or the shards hold it under another image id (another file)."""
+        where = {n: k for k, n in enumerate(self.names)}
+        absent = [f for f in files if f not in where]
+        if absent:
+            raise DataError(f"{ann_file}: lists {len(absent)} image(s) that the shard set {self.dir} does not hold, "
+                            f"e.g. {absent[0]} (were the shards written from another annotation file?)")
+        pos = [where[f] for f in files]
+        if self.image_ids is not None:
+            other = [(f, i, int(self.image_ids[k])) for f, i, k in zip(files, image_ids, pos) if self.image_ids[k] != i]
+            if other:
+                f, i, j = other[0]
+                raise DataError(f"{ann_file}: {len(other)} image(s) have other ids than in the shard set {self.dir}, "
+                                f"e.g. {f}: id {i} here, {j} in {self.dir / INDEX} (the shards were written from "
+                                "another annotation file)")
+        return pos
 
     def open(self, name: str, mode: str = "rb"):
         """A sample, by name(), as a read-only binary file (engine.datacheck reads headers and ends)."""
@@ -374,7 +393,8 @@ def _check_written(path: Path, names: list[str], sizes: list[int]) -> dict | Non
 
 
 def write_set(out_dir: Path, names: list[str], files: list[str], labels: list[int] | None,
-              classes: list[str] | None, shard_bytes: int = SHARD_BYTES, log=print) -> dict:
+              classes: list[str] | None, shard_bytes: int = SHARD_BYTES, log=print,
+              image_ids: list[int] | None = None) -> dict:
     """Write one split's shards and its index (last, atomically). Finished shards of an earlier run that
     hold their planned samples are kept (checked: member table, size, SHA-256); a half-written one is redone."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -415,7 +435,7 @@ def write_set(out_dir: Path, names: list[str], files: list[str], labels: list[in
     index = {"format": FORMAT, "version": VERSION, "kind": "imagefolder" if labels is not None else "files",
              "classes": classes, "shards": entries,
              "samples": {"name": names, "shard": shard_of, "offset": offset, "length": length,
-                         "label": labels}}
+                         **({"label": labels} if labels is not None else {"image_id": image_ids})}}
     _atomic_write(out_dir / INDEX, json.dumps(index, separators=(",", ":")).encode())
     return index
 

@@ -57,11 +57,11 @@ def imagefolder_splits(src: Path) -> dict[str, tuple[list[str], list[str], list[
         if (src / split).is_dir():
             classes, samples = scan_image_folder(src / split)
             names = [os.path.relpath(p, src / split) for p, _ in samples]
-            out[split] = (names, [p for p, _ in samples], [label for _, label in samples], classes)
+            out[split] = (names, [p for p, _ in samples], [label for _, label in samples], classes, None)
     return out
 
 
-def coco_splits(src: Path) -> dict[str, tuple[list[str], list[str], None, None]]:
+def coco_splits(src: Path) -> dict[str, tuple[list[str], list[str], None, None, list[int]]]:
     out = {}
     for split, folder in COCO_SPLITS.items():
         ann = src / "annotations" / f"instances_{folder}.json"
@@ -70,6 +70,7 @@ def coco_splits(src: Path) -> dict[str, tuple[list[str], list[str], None, None]]
         try:
             doc = json.loads(ann.read_bytes())
             names = [str(im["file_name"]) for im in doc["images"]]
+            ids = [int(im["id"]) for im in doc["images"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{ann}: not a COCO instances file ({exc}; expected 'images' with 'file_name')") from None
         if len(set(names)) != len(names):
@@ -78,7 +79,7 @@ def coco_splits(src: Path) -> dict[str, tuple[list[str], list[str], None, None]]
         if missing:
             raise DataError(f"{ann}: lists {len(missing)} image(s) that {src / folder} does not have, e.g. "
                             f"{src / folder / missing[0]}")
-        out[folder] = (names, [str(src / folder / n) for n in names], None, None)
+        out[folder] = (names, [str(src / folder / n) for n in names], None, None, ids)
     return out
 
 
@@ -96,8 +97,8 @@ def write(src: Path, out: Path, shard_bytes: int) -> dict:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     indexes = {}
-    for split, (names, files, labels, classes) in splits.items():
-        indexes[split] = shards.write_set(out / split, names, files, labels, classes, shard_bytes)
+    for split, (names, files, labels, classes, ids) in splits.items():
+        indexes[split] = shards.write_set(out / split, names, files, labels, classes, shard_bytes, image_ids=ids)
     extra = []
     if is_coco:
         (out / "annotations").mkdir(exist_ok=True)

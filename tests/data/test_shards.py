@@ -270,3 +270,27 @@ def test_the_benchmark_counts_one_open_per_file_and_per_shard(toy_data, tmp_path
                          "--cache", "fadvise", "--work", str(tmp_path)])
     assert result["opens"] == {"folder": 300, "shards": result["shards"]} and result["shards"] == 3
     assert "files opened/epoch" in capsys.readouterr().out
+
+
+def test_coco_annotations_that_do_not_match_the_shards_are_named(toy_data, tmp_path):
+    from data.detection import CocoDetection
+    from data.segmentation import CocoVoc, EvalTransform
+
+    out = tmp_path / "coco"
+    assert make_shards.main([str(toy_data / "coco"), str(out), "--shard-size", "64KB"]) == 0
+    CocoDetection(out, "val", train=False, hflip=0.0, seed=0, data_format="shards")  # as written: accepted
+    ann = out / "annotations/instances_val2017.json"
+    doc = json.loads(ann.read_text())
+    first, second = doc["images"][0], doc["images"][1]  # two images' files swapped: ids no longer match
+    first["file_name"], second["file_name"] = second["file_name"], first["file_name"]
+    ann.write_text(json.dumps(doc))
+    index = json.loads((out / "val2017/index.json").read_text())
+    want = dict(zip(index["samples"]["name"], index["samples"]["image_id"]))
+    f = min((first, second), key=lambda im: im["id"])["file_name"]  # the annotation order: sorted image ids
+    mine = {first["file_name"]: first["id"], second["file_name"]: second["id"]}[f]
+    expected = (f"{ann}: 2 image(s) have other ids than in the shard set {out / 'val2017'}, e.g. {f}: id {mine} "
+                f"here, {want[f]} in {out / 'val2017/index.json'} (the shards were written from another "
+                "annotation file)")
+    assert _message(lambda: CocoDetection(out, "val", train=False, hflip=0.0, seed=0, data_format="shards")) == expected
+    assert _message(lambda: CocoVoc(out, "val", EvalTransform(48), 0, tmp_path / "masks", "shards")).startswith(
+        f"{ann}: 2 image(s) have other ids than in the shard set")
