@@ -60,3 +60,20 @@ def test_reproduce_stage_exports_stage_data_to_the_jobs(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0] == "export STAGE_DATA=auto"
     assert any("data.format=shards" in line and f"data.root={tmp_path}/imagenet" in line for line in lines)
+
+
+def test_reproduce_stage_on_local_stages_each_set_once_and_the_steps_read_the_copies(toy_data, tmp_path, monkeypatch):
+    from reproduce import launch
+    from tools import reproduce
+
+    data = tmp_path / "sets"
+    for name in ("imagenet", "coco"):
+        assert make_shards.main([str(toy_data / name), str(data / name), "--shard-size", "1MB"]) == 0
+    seen = {}
+    monkeypatch.setattr(launch, "run_local", lambda steps, *a, **k: seen.setdefault("steps", steps) and 0)
+    assert reproduce.main(["released", "--data", str(data), "--out", str(tmp_path / "runs"), "--stage",
+                           str(tmp_path / "local"), "--set", "data.format=shards", "--gpus-per-node", "0"]) == 0
+    for name in ("imagenet", "coco"):
+        assert (tmp_path / "local" / name / ".staged.json").is_file()
+    roots = {a for s in seen["steps"] for a in s.command if a.startswith("data.root=")}
+    assert roots == {f"data.root={tmp_path / 'local/imagenet'}"}  # the released table: classification only

@@ -75,18 +75,44 @@ def test_a_reader_opens_each_shard_once_per_process(written):
     assert sorted(mine) == sorted(str(f) for f in src.files)
 
 
+KILL = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from data import shards
+calls = [0]
+real = {target}
+
+
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+
+{target} = killing
+from tools import {tool}
+{tool}.main({argv!r})
+"""
+
+
+def killed(tool: str, argv: list[str], target: str, n: int) -> None:
+    """Run tools/<tool>.py's main(argv) in a subprocess that SIGKILLs itself at the n-th call of `target`."""
+    code = KILL.format(root=str(ROOT), target=target, n=n, tool=tool, argv=argv)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+
+
 def test_a_killed_writer_resumes_keeping_its_finished_shards(folder, written, tmp_path):
-    out = copy_set(written, tmp_path / "set")
-    # what a kill leaves: finished shards under their names, one half-written .partial, no index, no manifest
-    for f in ("manifest.json", "train/index.json", "val/index.json"):
-        (out / f).unlink()
+    out = tmp_path / "set"
+    argv = [str(folder), str(out), "--shard-size", "64KB"]
+    killed("make_shards", argv, "shards._HashingWriter.write", 60)  # in the middle of a shard
     train = sorted((out / "train").glob("shard-*.tar"))
-    half = train[-1].read_bytes()[:1000]
-    train[-1].unlink()
-    train[-1].with_name(train[-1].name + ".partial").write_bytes(half)
-    train[1].write_bytes(train[1].read_bytes()[:-2000])  # a finished shard damaged since: redone, not kept
-    kept = {p.name: p.stat().st_ino for p in train[:-1] if p != train[1]}
-    assert make_shards.main([str(folder), str(out), "--shard-size", "64KB"]) == 0
+    assert len(train) >= 3 and len(list((out / "train").glob("*.partial"))) == 1
+    assert not (out / "train/index.json").exists() and not (out / "manifest.json").exists()
+    train[1].write_bytes(train[1].read_bytes()[:-2000])  # and a finished shard damaged since: redone, not kept
+    kept = {p.name: p.stat().st_ino for p in train if p != train[1]}
+    assert make_shards.main(argv) == 0
     assert {p.name: p.stat().st_ino for p in (out / "train").glob("shard-*.tar") if p.name in kept} == kept
     assert not list(out.rglob("*.partial"))
     for p in written.rglob("*"):  # the same set as the uninterrupted writer's, byte for byte
@@ -221,19 +247,15 @@ def test_staging_copies_once_per_node_and_then_skips(written, tmp_path):
 
 
 def test_a_killed_staging_resumes_with_the_files_it_finished(written, tmp_path):
-    staged = shards.stage(written, tmp_path / "local", log=lambda m: None)
-    # what a kill leaves: some files renamed into place, one .partial, no stamp, no manifest
-    (staged / ".staged.json").unlink()
-    (staged / "manifest.json").unlink()
-    tars = sorted(staged.rglob("*.tar"))
-    for t in tars[:3]:
-        t.rename(t.with_name(t.name + ".partial"))
-    tars[3].with_name(tars[3].name + ".partial").write_bytes(b"half")
-    tars[3].unlink()
+    local = tmp_path / "local"
+    killed("stage_shards", [str(written), "--dest", str(local)], "shards.os.fsync", 4)  # 4th file, before its rename
+    staged = local / written.name
+    assert not (staged / ".staged.json").exists() and not (staged / "manifest.json").exists()
+    assert len(list(staged.rglob("*.tar"))) == 3 and len(list(staged.rglob("*.partial"))) == 1
     log = []
-    shards.stage(written, tmp_path / "local", log=log.append)
+    shards.stage(written, local, log=log.append)
     total = len(json.loads((written / "manifest.json").read_text())["files"])
-    assert log[0].startswith(f"stage: copied 4 of {total} files")
+    assert log[0].startswith(f"stage: copied {total - 3} of {total} files")
     assert not list(staged.rglob("*.partial"))
     for p in written.rglob("*"):
         if p.is_file():
