@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import tarfile
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -203,7 +204,7 @@ class ShardSource:
                 raise DataError(f"{f}: shard {what}: {actual} bytes, but {self.dir / INDEX} says {size}; the shard "
                                 "and its index do not match (copy the set again, or rewrite it)")
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pid = os.getpid()
+        self._pid, self._lock = os.getpid(), threading.Lock()  # the val check reads from threads
         self._by_name: dict[str, int] | None = None
 
     def __len__(self) -> int:
@@ -212,7 +213,11 @@ class ShardSource:
     def __getstate__(self):  # spawned workers open their own descriptors
         state = dict(self.__dict__)
         state["_fds"], state["_by_name"] = OrderedDict(), None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def name(self, i: int) -> str:
         """Sample i for messages: `SHARD[member]`."""
@@ -221,10 +226,16 @@ class ShardSource:
     def index_of(self, name: str) -> int:
         """The sample of a name() (a dict built on first use: only checks that go by name need it)."""
         if self._by_name is None:
-            self._by_name = {self.name(i): i for i in range(len(self))}
+            with self._lock:
+                if self._by_name is None:
+                    self._by_name = {self.name(i): i for i in range(len(self))}
         return self._by_name[name]
 
     def _fd(self, shard: int) -> int:
+        with self._lock:
+            return self._fd_locked(shard)
+
+    def _fd_locked(self, shard: int) -> int:
         if os.getpid() != self._pid:  # a forked worker: the parent's descriptors stay the parent's
             self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.get(shard)
@@ -234,7 +245,7 @@ class ShardSource:
             except OSError as exc:
                 raise DataError(f"{self.files[shard]}: cannot open the shard ({exc.strerror})") from None
             self._fds[shard] = fd
-            if len(self._fds) > MAX_OPEN:
+            if len(self._fds) > MAX_OPEN:  # (ImageNet has ~150 shards: never reached there)
                 os.close(self._fds.popitem(last=False)[1])
         else:
             self._fds.move_to_end(shard)
