@@ -134,7 +134,7 @@ def test_sigkill_mid_epoch_on_shards_then_resume_is_bit_identical(toy_data, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("last.pt.model"))
 
 
-def test_a_folder_read_as_shards_is_named(toy_data, tmp_path):
+def test_a_folder_read_as_shards_and_shards_read_as_a_folder_are_named(toy_data, tmp_path):
     folder = _tiny_imagefolder(toy_data / "imagenet", tmp_path / "tiny", train=1, val=1)
     proc = run_in_process("train_classification.py", ["--recipe", C_RECIPE, *C_BASE, f"data.root={folder}",
                                                       "data.format=shards", f"run.output_dir={tmp_path / 'r'}"],
@@ -144,3 +144,9 @@ def test_a_folder_read_as_shards_is_named(toy_data, tmp_path):
         f"train_classification.py: error: {folder / 'val/index.json'}: shard index not found; data.format shards "
         f"expects data.root/val/index.json as tools/make_shards.py writes it (it holds image files: set "
         "data.format=folder)")
+    shards = shard(folder, tmp_path / "shards")
+    proc = run_in_process("train_classification.py", ["--recipe", C_RECIPE, *C_BASE, f"data.root={shards}",
+                                                      f"run.output_dir={tmp_path / 'r'}"], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"train_classification.py: error: {shards / 'val'}: a shard set (it holds "
+                                   "index.json), read as a folder of images; set data.format=shards")
