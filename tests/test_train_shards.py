@@ -107,31 +107,56 @@ def _script(args, cwd):
                           text=True, cwd=cwd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def _popen(args, cwd):
+    return subprocess.Popen([sys.executable, str(ROOT / "train_classification.py"), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _into_epoch(out: Path, proc: subprocess.Popen, epoch: int) -> None:
+    """Until `epoch` trains: the row of the epoch before is written, then a moment for a few steps."""
+    deadline = time.time() + 240
+    while not any(r["epoch"] == epoch - 1 for r in _rows(out)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_sigkill_mid_epoch_on_shards_then_resume_is_bit_identical(toy_data, tmp_path):
-    folder = _tiny_imagefolder(toy_data / "imagenet", tmp_path / "tiny", train=24, val=2)
+def test_preempted_mid_epoch_then_sigkilled_on_shards_resumes_bit_identical(toy_data, tmp_path):
+    folder = _tiny_imagefolder(toy_data / "imagenet", tmp_path / "tiny", train=30, val=2)  # 38 steps per epoch
     shards = shard(folder, tmp_path / "shards")
     args = ["--recipe", str(C_RECIPE), f"data.root={shards}", "data.format=shards", "model.name=mobilenet_v3_small",
             "model.width_mult=0.5", "data.crop_size=32", "data.val_resize=36", "data.val_crop=32", "data.workers=1",
-            "data.batch_size=16", "schedule.epochs=3", "run.print_freq=100", "run.resume=auto"]
-    ref, out = tmp_path / "ref", tmp_path / "killed"
-    assert _script([*args, f"run.output_dir={ref}"], tmp_path).returncode == 0
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_classification.py"), *args, f"run.output_dir={out}"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    first, deadline = out / "checkpoints/epoch_000.pt", time.time() + 180
-    while not first.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 1, its loader worker reading shards
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
-    assert state["epoch"] < 2, "the run finished before it could be killed"
-    resumed = _script([*args, f"run.output_dir={out}", "run.resume=auto"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
+            "data.batch_size=8", "schedule.epochs=3", "run.print_freq=100", "run.resume=auto",
+            "model.stochastic_depth=0.1"]
+    ref, out = tmp_path / "ref", tmp_path / "stopped"
+    tc.main(load_config(tc.Config, C_RECIPE, [*args[2:], f"run.output_dir={ref}"]))  # in-process: 1 thread too
+    first = _popen([*args, f"run.output_dir={out}"], tmp_path)
+    _into_epoch(out, first, 1)
+    first.send_signal(signal.SIGTERM)  # preemption: a mid-epoch checkpoint, the loader's workers reading shards
+    stdout, stderr = first.communicate(timeout=240)
+    assert first.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM at epoch 1" in stdout, stderr[-2000:]
+    micro = torch.load(out / "checkpoints/last.pt", weights_only=True)["position"]["micro"]
+    assert micro > 0, "expected a mid-epoch checkpoint"
+    second = _popen([*args, f"run.output_dir={out}"], tmp_path)  # resumes mid-epoch 1 ...
+    _into_epoch(out, second, 2)
+    os.kill(second.pid, signal.SIGKILL)  # ... and dies without a word in epoch 2
+    stdout = second.communicate()[0]
+    assert f"micro-batch {micro}" in stdout
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1, "finished before the kill"
+    third = _script([*args, f"run.output_dir={out}"], tmp_path)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "resumed from" in third.stdout
     a, b = tensors(ref), tensors(out)
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("last.pt.model"))
+    assert [(r["epoch"], r["train_loss"], r["acc1"]) for r in _rows(ref)] == \
+        [(r["epoch"], r["train_loss"], r["acc1"]) for r in _rows(out)]
 
 
 def test_a_folder_read_as_shards_and_shards_read_as_a_folder_are_named(toy_data, tmp_path):
