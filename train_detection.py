@@ -213,8 +213,8 @@ def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
                             f"{cfg.model.num_classes} (labels are COCO category ids; 91 covers COCO's 1..90)")
     if not cfg.run.check_data:  # --check-data decodes them all, and lists the training set's problems too
         shards = val_set.shards  # a shard set's samples open by name, not as files
-        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file,
-                         decode if shards is None else lambda p: decode_bytes(shards.read(shards.index_of(p)), p), d.workers, dist,
+        decoder = decode if shards is None else lambda p: decode_bytes(shards.read(shards.index_of(p)), p)
+        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file, decoder, d.workers, dist,
                          open_file=open if shards is None else shards.open)
     return train_set, train_loader, val_set, val_loader
 

@@ -142,21 +142,23 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     folder_bytes, shard_bytes = du(folder / "train"), du(out / "train")
     per_100k = 100_000 / n
-    print(f"bench/shards.py: {n} images ({sum(s['bytes'] for s in index['shards']) / n / 1e3:.1f} kB each), "
-          f"{len(index['shards'])} shards of ~{args.per_shard} images (ImageNet's at 1 GiB); cold page cache ({how}) before each epoch; "
+    size = sum(s["bytes"] for s in index["shards"]) / n
+    print(f"bench/shards.py: {n} images ({size / 1e3:.1f} kB each), {len(index['shards'])} shards of "
+          f"~{args.per_shard} images (ImageNet's at 1 GiB); cold page cache ({how}) before each epoch; "
           f"median of {args.reps}; load {os.getloadavg()[0]:.2f}")
     print(f"{'':8}{'files opened/epoch':>20}{'images/s (cold)':>18}{'disk (du)':>12}")
     for kind, b in (("folder", folder_bytes), ("shards", shard_bytes)):
         print(f"{kind:8}{opens[kind]:>20}{n / med[kind]:>18.0f}{b / 1e6:>10.1f} MB")
-    print(f"shards / folder: {med['folder'] / med['shards']:.2f}x images/s, {opens['folder'] / max(opens['shards'], 1):.0f}x "
-          "fewer opens")
+    print(f"shards / folder: {med['folder'] / med['shards']:.2f}x images/s, "
+          f"{opens['folder'] / max(opens['shards'], 1):.0f}x fewer opens")
     print(f"writing the shards (cold source, SHA-256 + read-back check): {write_s:.1f} s for {n} images = "
-          f"{n / write_s:.0f} images/s; extrapolated linearly per 100k images of this size: {write_s * per_100k:.0f} s, "
-          f"{shard_bytes * per_100k / 1e9:.2f} GB of shards (the folder: {folder_bytes * per_100k / 1e9:.2f} GB on disk)")
+          f"{n / write_s:.0f} images/s; extrapolated linearly per 100k images of this size: "
+          f"{write_s * per_100k:.0f} s, {shard_bytes * per_100k / 1e9:.2f} GB of shards "
+          f"(the folder: {folder_bytes * per_100k / 1e9:.2f} GB on disk)")
     print(f"machine: {machine()}")
     shutil.rmtree(out, ignore_errors=True)
-    return {"images": n, "shards": len(index["shards"]), "opens": opens, "images_per_s": {k: n / v for k, v in med.items()}, "write_s": write_s,
-            "bytes": {"folder": folder_bytes, "shards": shard_bytes}}
+    return {"images": n, "shards": len(index["shards"]), "opens": opens, "write_s": write_s,
+            "images_per_s": {k: n / v for k, v in med.items()}, "bytes": {"folder": folder_bytes, "shards": shard_bytes}}
 
 
 if __name__ == "__main__":

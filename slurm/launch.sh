@@ -24,8 +24,9 @@ if [[ -n "${STAGE_DATA:-}" ]]; then
   else
     DEST=()
     [[ $STAGE_DATA != auto ]] && DEST=(--dest "$STAGE_DATA")
+    STAGE="$(dirname "${BASH_SOURCE[0]}")/../tools/stage_shards.py"
     STAGED="$(srun --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --kill-on-bad-exit=1 \
-              "$PYTHON" "$(dirname "${BASH_SOURCE[0]}")/../tools/stage_shards.py" "$SRC" ${DEST[@]+"${DEST[@]}"} | tail -n 1)"
+              "$PYTHON" "$STAGE" "$SRC" ${DEST[@]+"${DEST[@]}"} | tail -n 1)"
     set -- "$@" "data.root=$STAGED"
     echo "launch: staged $SRC on each of ${SLURM_JOB_NUM_NODES:-1} node(s): data.root=$STAGED"
   fi

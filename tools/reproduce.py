@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sbatch-args", default="",
                     help='slurm: more sbatch arguments, one string (--sbatch-args="--qos=high --mem=0")')
     ap.add_argument("--stage", metavar="auto|DIR",
-                    help="shard sets (--set data.format=shards; DATA/imagenet and DATA/coco from tools/make_shards.py): "
-                         "copy them to node-local disk first (auto: $SLURM_TMPDIR or /tmp); slurm: once per node in "
-                         "every job (slurm/launch.sh, STAGE_DATA); local: once, here")
+                    help="shard sets (--set data.format=shards; DATA/imagenet and DATA/coco written by "
+                         "tools/make_shards.py): copy them to node-local disk first (auto: $SLURM_TMPDIR or /tmp); "
+                         "slurm: once per node in every job (slurm/launch.sh, STAGE_DATA); local: once, here")
     ap.add_argument("--dry-run", action="store_true", help="print the commands (or sbatch script) only")
     ap.add_argument("--status", action="store_true", help="print the status table only")
     args = ap.parse_args(argv)

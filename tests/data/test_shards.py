@@ -19,7 +19,7 @@ from data.classification import decode
 from engine.errors import DataError
 from tests.conftest import ROOT, run_in_process
 from tests.test_recipe_keys import C_BASE, C_RECIPE, _tiny_imagefolder
-from tools import make_shards, stage_shards
+from tools import make_shards
 
 
 @pytest.fixture(scope="module")
