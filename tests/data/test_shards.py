@@ -146,6 +146,12 @@ def test_missing_truncated_corrupted_shards_and_a_mismatched_index_are_named(wri
     assert _message(lambda: shards.ShardSource(val, "imagefolder")) == (
         f"{first}: shard missing ({val / 'index.json'} lists it with {size} bytes); copy the whole set again "
         "(tools/stage_shards.py) or rewrite it (tools/make_shards.py)")
+    assert make_shards.main(["--verify", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (f"make_shards.py: error: {first}: missing (listed in "
+                                               f"{out / 'manifest.json'})")
+    assert _message(lambda: shards.stage(out, tmp_path / "local", log=lambda m: None)) == (
+        f"{first}: missing (listed in {out / 'manifest.json'}); the shard set is incomplete: rewrite it with "
+        "tools/make_shards.py")
     (tmp_path / "away").rename(first)
 
     src = shards.ShardSource(val, "imagefolder")  # opened whole, truncated afterwards: the read names it
