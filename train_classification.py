@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data.classification import (BatchTransform, ClassificationDataConfig, build_loaders, count_images, decode,
+from data.classification import (BatchTransform, ClassificationDataConfig, build_loaders, count_images,
                                  steps_per_epoch)
 from engine import distributed, rundir, seeding
 from engine.config import RunConfig
@@ -113,7 +113,9 @@ def main(cfg: Config) -> dict:
                                                                  check_val=not cfg.run.check_data)
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, channels_last).to(device)
     if cfg.run.check_data:
-        check_images([p for ds in (train_set, val_set) if ds is not None for p, _ in ds.samples], decode,
+        items = {p: (ds, i) for ds in (train_set, val_set) if ds is not None  # a shard set's names are no files
+                 for i, (p, _) in enumerate(ds.samples)}
+        check_images(list(items), lambda p: items[p][0].load(items[p][1]),
                      cfg.data.workers, log)
     per_process = -(-len(train_set) // dist.world_size) if train_set is not None else 0
     if per_process % cfg.data.batch_size == 1:  # kept, as torchvision's reference keeps a short last batch

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.utils import draw_bounding_boxes
 
-from data.classification import decode
+from data.classification import decode, decode_bytes
 from data.detection import (CocoDetection, DetectionDataConfig, bbox_metrics, coco_bbox_stats,
                             coco_ground_truth, detection_rows, gather_rows, make_eval_loader,
                             make_train_loader, read_annotations, split_paths, to_device, to_results)
@@ -197,12 +197,13 @@ def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
     Every annotation file and image folder, and the val images' headers and sizes, are checked here,
     before the run writes anything."""
     d, pin = cfg.data, dist.device.type == "cuda"
-    val_set = CocoDetection(d.root, "val", train=False, hflip=0.0, seed=cfg.run.seed, box_margin=d.box_margin)
+    val_set = CocoDetection(d.root, "val", train=False, hflip=0.0, seed=cfg.run.seed, box_margin=d.box_margin,
+                            data_format=d.format)
     val_loader = make_eval_loader(val_set, dist.rank, dist.world_size, d.workers, pin)
     train_set = train_loader = None
     if train:
         train_set = CocoDetection(d.root, "train", train=True, hflip=d.hflip, seed=cfg.run.seed,
-                                  box_margin=d.box_margin)
+                                  box_margin=d.box_margin, data_format=d.format)
         train_loader = make_train_loader(train_set, d.batch_size, d.aspect_ratio_group_factor, dist.rank,
                                          dist.world_size, cfg.run.seed, d.workers, pin)
     for ds in (train_set, val_set):
@@ -211,7 +212,10 @@ def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
             raise DataError(f"{ds.ann_file}: category ids {too_big[:5]} do not fit model.num_classes "
                             f"{cfg.model.num_classes} (labels are COCO category ids; 91 covers COCO's 1..90)")
     if not cfg.run.check_data:  # --check-data decodes them all, and lists the training set's problems too
-        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file, decode, d.workers, dist)
+        shards = val_set.shards  # a shard set's samples open by name, not as files
+        decoder = decode if shards is None else lambda p: decode_bytes(shards.read(shards.index_of(p)), p)
+        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file, decoder, d.workers, dist,
+                         open_file=open if shards is None else shards.open)
     return train_set, train_loader, val_set, val_loader
 
 

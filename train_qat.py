@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler
 
-from data.classification import (BatchTransform, build_loaders, ClassificationDataConfig, count_images, decode, make_loader, steps_per_epoch)
+from data.classification import (BatchTransform, build_loaders, ClassificationDataConfig, count_images, make_loader, steps_per_epoch)
 from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
@@ -154,7 +154,9 @@ def main(cfg: Config) -> dict:
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, cfg.train.channels_last).to(device)
     cpu_tf = BatchTransform(cfg.data.mean, cfg.data.std, False)
     if cfg.run.check_data:
-        check_images([p for ds in (train_set, val_set) if ds is not None for p, _ in ds.samples], decode,
+        items = {p: (ds, i) for ds in (train_set, val_set) if ds is not None  # a shard set's names are no files
+                 for i, (p, _) in enumerate(ds.samples)}
+        check_images(list(items), lambda p: items[p][0].load(items[p][1]),
                      cfg.data.workers, log)
 
     if cfg.run.eval_only:

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler
 
-from data.classification import BatchTransform, EpochSampler, decode, make_loader
+from data.classification import BatchTransform, EpochSampler, decode, decode_bytes, make_loader
 from data.segmentation import (IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, CocoVoc, EvalTransform,
                                SegmentationDataConfig, SizeGroupedBatches, TrainTransform, cached_image_count,
                                overlay)
@@ -193,19 +193,22 @@ def build_data(cfg: Config, dist: distributed.DistState, train: bool = True):
     """(train_set, train_loader, val_set, val_loader); the train pair is (None, None) when not training.
     The val images' headers and sizes are checked here, before training (engine.datacheck)."""
     d, pin = cfg.data, dist.device.type == "cuda"
-    val_set = CocoVoc(d.root, "val", EvalTransform(d.eval_size), cfg.run.seed, d.cache_dir())
+    val_set = CocoVoc(d.root, "val", EvalTransform(d.eval_size), cfg.run.seed, d.cache_dir(), d.format)
     val_batches = SizeGroupedBatches(val_set.sizes(), d.eval_size, d.eval_batch_size, dist.rank, dist.world_size)
     val_loader = make_loader(val_set, val_batches, d.workers, pin)
     train_set = train_loader = None
     if train:
         train_set = CocoVoc(d.root, "train", TrainTransform(d.crop_size, d.short_side, d.hflip), cfg.run.seed,
-                            d.cache_dir())
+                            d.cache_dir(), d.format)
         sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, cfg.run.seed, True)
         # drop_last, as the reference's training loader: every optimizer step sees a full batch
         train_loader = make_loader(train_set, EpochBatches(batch_sampler=BatchSampler(sampler, d.batch_size, True)),
                                    d.workers, pin)
     if not cfg.run.check_data:  # --check-data decodes them all, and lists the training set's problems too
-        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file, decode, d.workers, dist)
+        shards = val_set.shards  # a shard set's samples open by name, not as files
+        decoder = decode if shards is None else lambda p: decode_bytes(shards.read(shards.index_of(p)), p)
+        check_val_images(val_set.paths(), val_set.sizes(), val_set.ann_file, decoder, d.workers, dist,
+                         open_file=open if shards is None else shards.open)
     return train_set, train_loader, val_set, val_loader
 
 

@@ -62,6 +62,8 @@ class ClassificationDataConfig:
     erasing_ratio: tuple[float, float] = (0.3, 3.3)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    format: Literal["folder", "shards"] = "folder"  # shards: data.root as tools/make_shards.py writes it
+                                                    # (the same samples, order and bytes: the same run)
 
     def validate(self):
         if self.batch_size <= 0:
@@ -123,7 +125,13 @@ def read_bytes(path: str) -> torch.Tensor:
 def decode(path: str) -> torch.Tensor:
     """File -> uint8 RGB tensor (C, H, W); a clear DataError naming the file if it is not a still image.
     16-bit PNGs keep their 8 most significant bits (what an 8-bit export of the image holds)."""
-    data = read_bytes(path)
+    return decode_bytes(read_bytes(path), path)
+
+
+def decode_bytes(data: torch.Tensor | bytes, path: str) -> torch.Tensor:
+    """An encoded image's bytes -> uint8 RGB tensor (C, H, W), as decode(); `path` names it in errors."""
+    if isinstance(data, (bytes, bytearray)):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     if data.numel() == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
@@ -147,18 +155,29 @@ def decode(path: str) -> torch.Tensor:
 class ImageFolder(Dataset):
     """Items are addressed by (epoch, index) keys from EpochSampler, so augmentation is seeded per sample."""
 
-    def __init__(self, split_dir: str | Path, transform, seed: int, train: bool):
+    def __init__(self, split_dir: str | Path, transform, seed: int, train: bool, data_format: str = "folder"):
+        from data.shards import open_split
+
         self.split_dir = Path(split_dir)
-        self.classes, self.samples = scan_image_folder(self.split_dir)
+        self.shards = open_split(self.split_dir, data_format, "imagefolder")  # None: the folder's files
+        if self.shards is None:
+            self.classes, self.samples = scan_image_folder(self.split_dir)
+        else:  # the writer kept scan_image_folder's order: sample i is the folder's sample i
+            self.classes = self.shards.classes
+            self.samples = [(self.shards.name(i), int(c)) for i, c in enumerate(self.shards.labels)]
         self.transform, self.seed, self.train = transform, seed, train
+
+    def load(self, index: int) -> torch.Tensor:
+        path = self.samples[index][0]
+        return decode(path) if self.shards is None else decode_bytes(self.shards.read(index), path)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        path, target = self.samples[index]
-        image = decode(path)
+        target = self.samples[index][1]
+        image = self.load(index)
         if not self.train:
             return self.transform(image), target
         with torch.random.fork_rng(devices=[]):
@@ -307,12 +326,12 @@ def build_loaders(cfg: ClassificationDataConfig, num_classes: int, seed: int, di
 
     root = Path(cfg.root)
     pin = dist.device.type == "cuda"
-    val_set = ImageFolder(root / "val", eval_transform(cfg), seed, train=False)
+    val_set = ImageFolder(root / "val", eval_transform(cfg), seed, train=False, data_format=cfg.format)
     val_sampler = EpochSampler(len(val_set), dist.rank, dist.world_size, seed, False)
     val_loader = make_loader(val_set, BatchSampler(val_sampler, cfg.batch_size, False), cfg.workers, pin)
     train_set = train_loader = None
     if train:
-        train_set = ImageFolder(root / "train", TrainTransform(cfg), seed, train=True)
+        train_set = ImageFolder(root / "train", TrainTransform(cfg), seed, train=True, data_format=cfg.format)
         if train_set.classes != val_set.classes:
             train_c, val_c = set(train_set.classes), set(val_set.classes)
             only = {"train": sorted(train_c - val_c), "val": sorted(val_c - train_c)}
@@ -325,7 +344,10 @@ def build_loaders(cfg: ClassificationDataConfig, num_classes: int, seed: int, di
     if len(val_set.classes) > num_classes:
         raise DataError(f"{root}: {len(val_set.classes)} classes on disk but model.num_classes is {num_classes}")
     if check_val:
-        check_val_images([p for p, _ in val_set.samples], None, None, decode, cfg.workers, dist)
+        shards = val_set.shards
+        check_val_images([p for p, _ in val_set.samples], None, None,
+                         decode if shards is None else lambda p: val_set.load(shards.index_of(p)), cfg.workers, dist,
+                         open_file=open if shards is None else shards.open)
     return train_set, train_loader, val_set, val_loader
 
 
@@ -333,6 +355,10 @@ def count_images(split_dir: Path) -> int | None:
     """Number of images in an ImageFolder split without sorting or decoding; None if it is not there."""
     if not split_dir.is_dir():
         return None
+    if (split_dir / "index.json").is_file():  # a shard set (data.format shards)
+        from data.shards import load_index
+
+        return len(load_index(split_dir)["samples"]["name"])
     return sum(1 for c in os.scandir(split_dir) if c.is_dir()
                for f in os.scandir(c.path) if f.name.lower().endswith(IMAGE_EXTENSIONS))
 

@@ -28,6 +28,7 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from data.classification import decode
+from data.classification import decode, decode_bytes
+from data.shards import open_split
 from engine.datacheck import size_mismatch
 from engine.errors import DataError
 from engine.loop import EpochBatches
@@ -55,6 +57,7 @@ class DetectionDataConfig:
     aspect_ratio_group_factor: int       # k: 2k+1 bin edges 2 ** linspace(-1, 1, 2k+1); -1: no grouping
     box_margin: float = 1.0              # px a box may reach beyond the image (clamped, as the reference
                                          # does); a box further out is an error in the annotation file
+    format: Literal["folder", "shards"] = "folder"  # shards: data.root as tools/make_shards.py writes it
 
     def validate(self):
         if self.batch_size <= 0:
@@ -180,7 +183,7 @@ class CocoDetection(Dataset):
     image_id}. Training items are addressed by (epoch, index) keys so the flip is seeded per sample."""
 
     def __init__(self, root: str | Path, split: str, train: bool, hflip: float, seed: int,
-                 box_margin: float = 1.0, annotations: Annotations | None = None):
+                 box_margin: float = 1.0, annotations: Annotations | None = None, data_format: str = "folder"):
         self.ann_file, self.image_dir = split_paths(root, split)
         if not Path(root).is_dir():
             raise DataError(f"data.root: {root} does not exist")
@@ -188,7 +191,8 @@ class CocoDetection(Dataset):
             raise DataError(f"{self.image_dir}: image folder not found (expected data.root/{split}2017/ with "
                             f"the images that {self.ann_file.name} lists)")
         self.ann = annotations or read_annotations(self.ann_file, box_margin)
-        on_disk = set(os.listdir(self.image_dir))
+        self.shards = open_split(self.image_dir, data_format, "files")  # None: the folder's files
+        on_disk = set(os.listdir(self.image_dir)) if self.shards is None else set(self.shards.names)
         absent = [f for f in self.ann.files if f not in on_disk]
         if absent:
             raise DataError(f"{self.ann_file}: lists {len(absent)} image{'s' if len(absent) > 1 else ''} "
@@ -204,11 +208,15 @@ class CocoDetection(Dataset):
                             "iscrowd), so its box mAP is undefined; expected the instances file of the "
                             "validation images with their ground-truth boxes")
         self.train, self.hflip, self.seed = train, hflip, seed
+        if self.shards is not None:  # annotation entry j -> its shard sample (by file name, image id checked)
+            self.in_shards = self.shards.match(self.ann.files, self.ann.image_ids, self.ann_file)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def paths(self) -> list[str]:
+        if self.shards is not None:
+            return [self.shards.name(self.in_shards[j]) for j in self.indices]
         return [str(self.image_dir / self.ann.files[j]) for j in self.indices]
 
     def image_id(self, i: int) -> int:
@@ -221,8 +229,12 @@ class CocoDetection(Dataset):
     def load(self, i: int) -> torch.Tensor:
         """Item i's image, decoded (uint8 (3, H, W)) and checked against the annotation file's size."""
         j = self.indices[i]
-        path = self.image_dir / self.ann.files[j]
-        image = decode(str(path))
+        if self.shards is None:
+            path = self.image_dir / self.ann.files[j]
+            image = decode(str(path))
+        else:
+            path = self.shards.name(self.in_shards[j])
+            image = decode_bytes(self.shards.read(self.in_shards[j]), path)
         if tuple(image.shape[1:]) != self.ann.sizes[j]:
             raise size_mismatch(path, tuple(image.shape[1:]), self.ann.sizes[j], self.ann_file)
         return image

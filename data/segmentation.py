@@ -34,7 +34,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ from torchvision import io
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from data.classification import IMAGENET_MEAN, IMAGENET_STD, decode
+from data.classification import IMAGENET_MEAN, IMAGENET_STD, decode, decode_bytes
+from data.shards import open_split
 from engine import checkpoint
 from engine.datacheck import size_mismatch
 from engine.errors import DataError
@@ -72,6 +73,7 @@ class SegmentationDataConfig:
     eval_size: int                              # evaluation: short side (520 published, 320 low-res)
     eval_batch_size: int = 1                    # images of equal size are batched: same numbers as batch 1
     mask_cache: Optional[str] = None            # None: $XDG_CACHE_HOME (or ~/.cache)/mbv3-recipes/coco-voc-masks
+    format: Literal["folder", "shards"] = "folder"  # shards: data.root as tools/make_shards.py writes it
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -373,7 +375,8 @@ class CocoVoc(Dataset):
     training items are augmented from a generator seeded by sample_seed(seed, epoch, index).
     An item is (image uint8 (h, w, 3), mask uint8 (h, w))."""
 
-    def __init__(self, root: str | Path, split: str, transform, seed: int, cache_root: str | Path):
+    def __init__(self, root: str | Path, split: str, transform, seed: int, cache_root: str | Path,
+                 data_format: str = "folder"):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.root: {self.root} does not exist")
@@ -398,6 +401,10 @@ class CocoVoc(Dataset):
         # per item only what the worker needs, so forked workers share little else
         self.images = [(im["id"], im["file_name"], int(im["height"]), int(im["width"])) for im in images]
         self.anns = {im[0]: by_image.get(im[0], []) for im in self.images}
+        self.shards = open_split(self.image_dir, data_format, "files")  # None: the folder's files
+        if self.shards is not None:  # item -> its shard sample (by file name, image id checked)
+            self.in_shards = self.shards.match([im[1] for im in self.images], [im[0] for im in self.images],
+                                               self.ann_file)
         self.cache = MaskCache(Path(cache_root), split, key)
         self.cache.write_index(len(self.images))
 
@@ -405,6 +412,8 @@ class CocoVoc(Dataset):
         return len(self.images)
 
     def paths(self) -> list[str]:
+        if self.shards is not None:
+            return [self.shards.name(k) for k in self.in_shards]
         return [str(self.image_dir / name) for _, name, _, _ in self.images]
 
     def sizes(self) -> list[tuple[int, int]]:
@@ -426,10 +435,14 @@ class CocoVoc(Dataset):
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded image (3, H, W) and its label map (H, W), both uint8, sizes checked."""
         _, file_name, h, w = self.images[index]
-        path = self.image_dir / file_name
-        if not path.is_file():
-            raise DataError(f"{path}: image file not found (listed in {self.ann_file})")
-        image = decode(str(path))
+        if self.shards is not None:
+            path = self.shards.name(self.in_shards[index])
+            image = decode_bytes(self.shards.read(self.in_shards[index]), path)
+        else:
+            path = self.image_dir / file_name
+            if not path.is_file():
+                raise DataError(f"{path}: image file not found (listed in {self.ann_file})")
+            image = decode(str(path))
         if tuple(image.shape[1:]) != (h, w):
             raise size_mismatch(path, tuple(image.shape[1:]), (h, w), self.ann_file)
         return image, self.mask(index)

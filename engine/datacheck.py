@@ -36,12 +36,13 @@ def size_mismatch(path: str | Path, actual_hw: tuple[int, int], expected_hw: tup
                      "its boxes and masks would not fit the image")
 
 
-def image_size(path: str, decode: Callable[[str], object]) -> tuple[int, int]:
+def image_size(path: str, decode: Callable[[str], object], open_file: Callable = open) -> tuple[int, int]:
     """(height, width) of an image file from its header, checking that the file is complete; the file
     is decoded in full (`decode`, which raises a DataError naming it) when the header cannot be read, the
-    end is not the format's end marker, or the format is one whose frames need counting (GIF)."""
+    end is not the format's end marker, or the format is one whose frames need counting (GIF).
+    `open_file(path, "rb")`: how a path opens (a shard set's samples: data.shards.ShardSource.open)."""
     try:
-        with open(path, "rb") as fh, Image.open(fh) as im:
+        with open_file(path, "rb") as fh, Image.open(fh) as im:
             fmt, (w, h) = im.format, im.size
             complete = False
             if fmt in _ENDS:
@@ -60,15 +61,16 @@ def image_size(path: str, decode: Callable[[str], object]) -> tuple[int, int]:
 
 
 def check_val_images(paths: Sequence[str], sizes: Sequence[tuple[int, int]] | None, source: str | Path | None,
-                     decode: Callable[[str], object], workers: int, dist, log=None) -> None:
+                     decode: Callable[[str], object], workers: int, dist, log=None,
+                     open_file: Callable = open) -> None:
     """Before training: every validation image's header and end (see the module docstring), and its size
     against `sizes` as `source` states them. Each rank checks its share; every rank raises the same
-    DataError, listing every problem."""
+    DataError, listing every problem. `open_file`: see image_size."""
     start = time.perf_counter()
 
     def problem(i: int) -> str | None:
         try:
-            hw = image_size(paths[i], decode)
+            hw = image_size(paths[i], decode, open_file)
             if sizes is not None and hw != tuple(sizes[i]):
                 raise size_mismatch(paths[i], hw, sizes[i], source)
         except DataError as exc:

@@ -259,6 +259,8 @@ SHARED_EXEMPT = {
     "run.allow_changes": "acts only when a run resumes with a changed recipe (tests/test_run_safety.py)",
     "run.divergence_factor": "acts only when the loss explodes (tests/test_run_safety.py, tests/engine/test_loop.py)",
     "run.output_dir": "the arms' directories are masked; checked directly in test_output_dir_is_where_the_run_goes",
+    "data.format": "by design: a shard set holds the folder's bytes in its order, so the run is the same bit for bit "
+                   "(tests/test_train_shards.py)",
 }
 
 _RMSPROP = ["optimizer.name=rmsprop", "optimizer.alpha=0.9", "optimizer.momentum=0.9", "optimizer.tf_eps=null",

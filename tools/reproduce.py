@@ -22,6 +22,7 @@ bash script of sbatch calls); --status prints the status table and runs nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--account", help="slurm: account")
     ap.add_argument("--sbatch-args", default="",
                     help='slurm: more sbatch arguments, one string (--sbatch-args="--qos=high --mem=0")')
+    ap.add_argument("--stage", metavar="auto|DIR",
+                    help="shard sets (--set data.format=shards; DATA/imagenet and DATA/coco written by "
+                         "tools/make_shards.py): copy them to node-local disk first (auto: $SLURM_TMPDIR or /tmp); "
+                         "slurm: once per node in every job (slurm/launch.sh, STAGE_DATA); local: once, here")
     ap.add_argument("--dry-run", action="store_true", help="print the commands (or sbatch script) only")
     ap.add_argument("--status", action="store_true", help="print the status table only")
     args = ap.parse_args(argv)
@@ -66,6 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or (ROOT / "toy_data" if args.table == "toy" else Path("/data"))
     out = args.out if args.out.is_absolute() else ROOT / args.out  # the steps run from the repository root
     data = data if data.is_absolute() else Path.cwd() / data
+    if args.stage and args.on == "local" and not (args.dry_run or args.status):
+        from data import shards
+        from engine.errors import UserError
+
+        dest = None if args.stage == "auto" else Path(args.stage)
+        try:  # each set lands in DEST/<its name>, so DEST takes DATA's place
+            staged = [shards.stage(data / name, dest) for name in ("imagenet", "coco")
+                      if (data / name / shards.MANIFEST).is_file()]
+        except UserError as exc:
+            ap.exit(1, f"reproduce.py: error: {exc}\n")
+        if not staged:
+            ap.error(f"--stage: no shard set (manifest.json) in {data}/imagenet or {data}/coco")
+        data = staged[0].parent
+    if args.stage and args.on == "slurm":
+        os.environ["STAGE_DATA"] = args.stage  # sbatch passes the environment on to slurm/launch.sh
+        if args.dry_run:
+            print(f"export STAGE_DATA={shlex.quote(args.stage)}")
     opts = plan.Options(data.resolve(), out.resolve(), tuple(args.overrides), args.float_weights,
                         args.backbone_weights)
     steps = plan.steps(args.table, opts)

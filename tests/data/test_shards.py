@@ -1,0 +1,324 @@
+"""data/shards.py, tools/make_shards.py and tools/stage_shards.py on real files.
+
+Oracles: the source files themselves (every sample's bytes), GNU tar (extracts the shards to the same
+files), an order computed here with sorted os.listdir, sha256sum, a real tmpfs for the full disk."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from data import shards
+from data.classification import decode
+from engine.errors import DataError
+from tests.conftest import ROOT, run_in_process
+from tests.test_recipe_keys import C_BASE, C_RECIPE, _tiny_imagefolder
+from tools import make_shards
+
+
+@pytest.fixture(scope="module")
+def folder(toy_data, tmp_path_factory) -> Path:
+    return _tiny_imagefolder(toy_data / "imagenet", tmp_path_factory.mktemp("sh") / "tiny", train=6, val=2)
+
+
+@pytest.fixture(scope="module")
+def written(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sh") / "set"
+    assert make_shards.main([str(folder), str(out), "--shard-size", "64KB"]) == 0
+    return out
+
+
+def copy_set(written: Path, dst: Path) -> Path:
+    shutil.copytree(written, dst)
+    return dst
+
+
+def test_samples_are_the_folders_bytes_in_its_order_and_tar_reads_the_shards(folder, written, tmp_path):
+    for split in ("train", "val"):
+        classes = sorted(os.listdir(folder / split))
+        order = [(f"{c}/{f}", k) for k, c in enumerate(classes) for f in sorted(os.listdir(folder / split / c))]
+        src = shards.ShardSource(written / split, "imagefolder")
+        assert src.classes == classes
+        assert list(zip(src.names, src.labels.tolist())) == order
+        assert all(src.read(i) == (folder / split / n).read_bytes() for i, n in enumerate(src.names))
+        files = sorted(p.name for p in (written / split).glob("shard-*.tar"))
+        index = json.loads((written / split / "index.json").read_text())
+        assert len(files) > 2 and all(s["bytes"] <= 64 * 1024 + 1024 + tarfile.RECORDSIZE  # + end blocks, padding
+                                      for s in index["shards"] if s["samples"] > 1)
+        out = tmp_path / split
+        out.mkdir()
+        for f in files:
+            subprocess.run(["tar", "-xf", str(written / split / f), "-C", str(out)], check=True)
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")) == sorted(n for n, _ in order)
+        assert all((out / n).read_bytes() == (folder / split / n).read_bytes() for n, _ in order)
+    manifest = json.loads((written / "manifest.json").read_text())
+    for f in manifest["files"]:  # checksums as sha256sum computes them
+        line = subprocess.run(["sha256sum", str(written / f["path"])], capture_output=True, text=True).stdout
+        assert line.split()[0] == f["sha256"] and (written / f["path"]).stat().st_size == f["bytes"]
+
+
+def test_a_reader_opens_each_shard_once_per_process(written):
+    src = shards.ShardSource(written / "train", "imagefolder")
+    opened = []
+    sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and opened is not None else None)
+    for _ in range(2):
+        for i in range(len(src)):
+            src.read(i)
+    mine = [str(p) for p in opened if str(p).startswith(str(written))]
+    opened = None  # noqa: F841  (the hook stays installed: it stops recording)
+    assert sorted(mine) == sorted(str(f) for f in src.files)
+
+
+KILL = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from data import shards
+calls = [0]
+real = {target}
+
+
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+
+{target} = killing
+from tools import {tool}
+{tool}.main({argv!r})
+"""
+
+
+def killed(tool: str, argv: list[str], target: str, n: int) -> None:
+    """Run tools/<tool>.py's main(argv) in a subprocess that SIGKILLs itself at the n-th call of `target`."""
+    code = KILL.format(root=str(ROOT), target=target, n=n, tool=tool, argv=argv)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+
+
+def test_a_killed_writer_resumes_keeping_its_finished_shards(folder, written, tmp_path):
+    out = tmp_path / "set"
+    argv = [str(folder), str(out), "--shard-size", "64KB"]
+    killed("make_shards", argv, "shards._HashingWriter.write", 60)  # in the middle of a shard
+    train = sorted((out / "train").glob("shard-*.tar"))
+    assert len(train) >= 3 and len(list((out / "train").glob("*.partial"))) == 1
+    assert not (out / "train/index.json").exists() and not (out / "manifest.json").exists()
+    train[1].write_bytes(train[1].read_bytes()[:-2000])  # and a finished shard damaged since: redone, not kept
+    kept = {p.name: p.stat().st_ino for p in train if p != train[1]}
+    assert make_shards.main(argv) == 0
+    assert {p.name: p.stat().st_ino for p in (out / "train").glob("shard-*.tar") if p.name in kept} == kept
+    assert not list(out.rglob("*.partial"))
+    for p in written.rglob("*"):  # the same set as the uninterrupted writer's, byte for byte
+        if p.is_file():
+            assert (out / p.relative_to(written)).read_bytes() == p.read_bytes(), p
+
+
+def test_a_complete_set_is_not_overwritten(folder, written, capsys):
+    before = (written / "manifest.json").read_bytes()
+    assert make_shards.main([str(folder), str(written)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"make_shards.py: error: {written}: a complete shard set is already there (manifest.json); refusing to "
+        "overwrite it: choose another output folder, or delete this one first")
+    assert (written / "manifest.json").read_bytes() == before
+
+
+def _message(fn) -> str:
+    with pytest.raises(DataError) as exc:
+        fn()
+    return str(exc.value)
+
+
+def test_missing_truncated_corrupted_shards_and_a_mismatched_index_are_named(written, tmp_path, capsys):
+    out = copy_set(written, tmp_path / "set")
+    val = out / "val"
+    index = json.loads((val / "index.json").read_text())
+    first = val / index["shards"][0]["file"]
+    size = index["shards"][0]["bytes"]
+
+    first.rename(tmp_path / "away")
+    assert _message(lambda: shards.ShardSource(val, "imagefolder")) == (
+        f"{first}: shard missing ({val / 'index.json'} lists it with {size} bytes); copy the whole set again "
+        "(tools/stage_shards.py) or rewrite it (tools/make_shards.py)")
+    assert make_shards.main(["--verify", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (f"make_shards.py: error: {first}: missing (listed in "
+                                               f"{out / 'manifest.json'})")
+    assert _message(lambda: shards.stage(out, tmp_path / "local", log=lambda m: None)) == (
+        f"{first}: missing (listed in {out / 'manifest.json'}); the shard set is incomplete: rewrite it with "
+        "tools/make_shards.py")
+    (tmp_path / "away").rename(first)
+
+    src = shards.ShardSource(val, "imagefolder")  # opened whole, truncated afterwards: the read names it
+    data = first.read_bytes()
+    first.write_bytes(data[:600])
+    assert index["samples"]["shard"][1] == 0
+    name = src.names[1]
+    offset, length = index["samples"]["offset"][1], index["samples"]["length"][1]
+    assert _message(lambda: src.read(1)) == (
+        f"{first}: shard truncated: sample {name} is at bytes {offset}..{offset + length} but the file ends at "
+        f"600 (its index says {size} bytes); copy the set again or rewrite it")
+    assert _message(lambda: shards.ShardSource(val, "imagefolder")) == (
+        f"{first}: shard truncated: 600 bytes, but {val / 'index.json'} says {size}; the shard and its index do "
+        "not match (copy the set again, or rewrite it)")
+
+    first.write_bytes(data[:700] + bytes([data[700] ^ 0xFF]) + data[701:])  # same size, one byte flipped
+    shards.ShardSource(val, "imagefolder")  # a start-up does not hash 140 GB; verification and staging do
+    want = hashlib.sha256(first.read_bytes()).hexdigest()
+    assert _message(lambda: shards.verify_set(val, log=lambda m: None)) == (
+        f"{first}: shard corrupted: SHA-256 {want[:16]}..., its index says {index['shards'][0]['sha256'][:16]}... "
+        "(same size; the bytes differ)")
+    assert make_shards.main(["--verify", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"make_shards.py: error: {first}: corrupted: its SHA-256 differs from the manifest's (same size)")
+    assert _message(lambda: shards.stage(out, tmp_path / "local", log=lambda m: None)) == (
+        f"{first}: corrupted (SHA-256 {want[:16]}..., the manifest says {index['shards'][0]['sha256'][:16]}...); "
+        "the shard set is damaged: rewrite it with tools/make_shards.py")
+    assert not (tmp_path / "local/set/.staged.json").exists()
+    assert not list((tmp_path / "local").rglob("*.partial"))
+    first.write_bytes(data)
+
+    index["samples"]["offset"][-1] = index["shards"][-1]["bytes"] - 10  # an index that is not its shards'
+    (val / "index.json").write_text(json.dumps(index))
+    last = index["samples"]["name"][-1]
+    assert _message(lambda: shards.ShardSource(val, "imagefolder")) == (
+        f"{val / 'index.json'}: damaged shard index: sample {last} at offset {index['shards'][-1]['bytes'] - 10}, "
+        f"{index['samples']['length'][-1]} bytes, lies outside {index['shards'][-1]['file']} "
+        f"({index['shards'][-1]['bytes']} bytes)")
+
+
+def test_a_label_set_other_than_the_recipes_is_named(written, tmp_path):
+    proc = run_in_process("train_classification.py", ["--recipe", C_RECIPE, *C_BASE, f"data.root={written}",
+                                                      "data.format=shards", "model.num_classes=5",
+                                                      f"run.output_dir={tmp_path / 'r'}"], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"train_classification.py: error: {written}: 10 classes on disk but "
+                                   "model.num_classes is 5")
+    out = copy_set(written, tmp_path / "set")
+    index = json.loads((out / "val/index.json").read_text())
+    index["classes"][3] = "n99999999_other"
+    (out / "val/index.json").write_text(json.dumps(index))
+    proc = run_in_process("train_classification.py", ["--recipe", C_RECIPE, *C_BASE, f"data.root={out}",
+                                                      "data.format=shards", f"run.output_dir={tmp_path / 'r2'}"],
+                          tmp_path)
+    assert proc.returncode == 1
+    assert "train/ and val/ have different class folders" in proc.stderr
+    assert "only in val/: n99999999_other" in proc.stderr
+
+
+def test_the_val_start_up_check_reads_headers_from_the_shards(folder, tmp_path):
+    bad = copy_set(folder, tmp_path / "tiny")
+    victim = sorted((bad / "val").rglob("*.jpg"))[1]
+    victim.write_bytes(victim.read_bytes()[:400])  # truncated JPEG: header fine, end marker missing
+    assert make_shards.main([str(bad), str(tmp_path / "set"), "--shard-size", "64KB"]) == 0
+    rel = str(victim.relative_to(bad / "val"))
+    proc = run_in_process("train_classification.py", ["--recipe", C_RECIPE, *C_BASE, f"data.root={tmp_path / 'set'}",
+                                                      "data.format=shards", f"run.output_dir={tmp_path / 'r'}"],
+                          tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == "train_classification.py: error: the validation set: 1 of 20 images cannot be used:"
+    assert lines[1].startswith(f"  {tmp_path / 'set/val'}/shard-") and f".tar[{rel}]: unreadable or truncated JPEG" \
+        in lines[1]
+    with pytest.raises(DataError):  # the oracle: the folder's own decode of the same bytes fails too
+        decode(str(victim))
+
+
+# ----------------------------------------------------------------------------- staging
+
+
+def _stage(src: Path, dest: Path):
+    return subprocess.Popen([sys.executable, str(ROOT / "tools/stage_shards.py"), str(src), "--dest", str(dest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_staging_copies_once_per_node_and_then_skips(written, tmp_path):
+    procs = [_stage(written, tmp_path / "local") for _ in range(3)]  # three ranks of one node at once
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    staged = tmp_path / "local" / written.name
+    assert {out.strip() for out, _ in results} == {str(staged)}
+    logs = [err for _, err in results]
+    assert sum("stage: copied" in e for e in logs) == 1 and sum("already holds" in e for e in logs) == 2
+    for p in written.rglob("*"):
+        if p.is_file():
+            assert (staged / p.relative_to(written)).read_bytes() == p.read_bytes()
+    again = _stage(written, tmp_path / "local").communicate(timeout=60)[1]
+    assert again.strip() == f"stage: {staged} already holds {written} ({len(list(written.rglob('*.tar'))) + 2} files)"
+
+
+def test_a_killed_staging_resumes_with_the_files_it_finished(written, tmp_path):
+    local = tmp_path / "local"
+    killed("stage_shards", [str(written), "--dest", str(local)], "shards.os.fsync", 4)  # 4th file, before its rename
+    staged = local / written.name
+    assert not (staged / ".staged.json").exists() and not (staged / "manifest.json").exists()
+    assert len(list(staged.rglob("*.tar"))) == 3 and len(list(staged.rglob("*.partial"))) == 1
+    log = []
+    shards.stage(written, local, log=log.append)
+    total = len(json.loads((written / "manifest.json").read_text())["files"])
+    assert log[0].startswith(f"stage: copied {total - 3} of {total} files")
+    assert not list(staged.rglob("*.partial"))
+    for p in written.rglob("*"):
+        if p.is_file():
+            assert (staged / p.relative_to(written)).read_bytes() == p.read_bytes()
+
+
+def test_a_full_local_disk_is_one_message_and_nothing_looks_complete(written, tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); needs root")
+    try:
+        need = sum(f["bytes"] for f in json.loads((written / "manifest.json").read_text())["files"])
+        msg = _message(lambda: shards.stage(written, disk, log=lambda m: None))
+        assert msg.startswith(f"{disk / written.name}: not enough space to stage {written}: {need / 1e9:.2f} GB to "
+                              "copy, 0.00 GB free on that disk")
+        # the disk fills up during the copy (another job wrote to it): the same kind of message, no stamp
+        monkeypatch.setattr(shards.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+        msg = _message(lambda: shards.stage(written, disk, log=lambda m: None))
+        assert msg.startswith(f"{disk / written.name}: no space left on device while staging ")
+        assert msg.endswith("the staged set is not marked complete; free space there or stage elsewhere "
+                            "(--dest / STAGE_DATA=PATH)")
+        assert not (disk / written.name / ".staged.json").exists() and not list(disk.rglob("*.partial"))
+        assert not (disk / written.name / "manifest.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_the_benchmark_counts_one_open_per_file_and_per_shard(toy_data, tmp_path, capsys):
+    from bench import shards as bench
+
+    result = bench.main(["--data", str(toy_data), "--images", "300", "--per-shard", "100", "--reps", "1",
+                         "--cache", "fadvise", "--work", str(tmp_path)])
+    assert result["opens"] == {"folder": 300, "shards": result["shards"]} and result["shards"] == 3
+    assert "files opened/epoch" in capsys.readouterr().out
+
+
+def test_coco_annotations_that_do_not_match_the_shards_are_named(toy_data, tmp_path):
+    from data.detection import CocoDetection
+    from data.segmentation import CocoVoc, EvalTransform
+
+    out = tmp_path / "coco"
+    assert make_shards.main([str(toy_data / "coco"), str(out), "--shard-size", "64KB"]) == 0
+    CocoDetection(out, "val", train=False, hflip=0.0, seed=0, data_format="shards")  # as written: accepted
+    ann = out / "annotations/instances_val2017.json"
+    doc = json.loads(ann.read_text())
+    first, second = doc["images"][0], doc["images"][1]  # two images' files swapped: ids no longer match
+    first["file_name"], second["file_name"] = second["file_name"], first["file_name"]
+    ann.write_text(json.dumps(doc))
+    index = json.loads((out / "val2017/index.json").read_text())
+    want = dict(zip(index["samples"]["name"], index["samples"]["image_id"]))
+    f = min((first, second), key=lambda im: im["id"])["file_name"]  # the annotation order: sorted image ids
+    mine = {first["file_name"]: first["id"], second["file_name"]: second["id"]}[f]
+    expected = (f"{ann}: 2 image(s) have other ids than in the shard set {out / 'val2017'}, e.g. {f}: id {mine} "
+                f"here, {want[f]} in {out / 'val2017/index.json'} (the shards were written from another "
+                "annotation file)")
+    assert _message(lambda: CocoDetection(out, "val", train=False, hflip=0.0, seed=0, data_format="shards")) == expected
+    assert _message(lambda: CocoVoc(out, "val", EvalTransform(48), 0, tmp_path / "masks", "shards")).startswith(
+        f"{ann}: 2 image(s) have other ids than in the shard set")
