@@ -29,7 +29,7 @@ test: $(STAMP)
 bench: $(STAMP) $(TOY)/.done
 	$(PY) bench/latency.py
 	$(PY) bench/train_throughput.py
-	$(PY) bench/data_throughput.py --data $(TOY)
+	$(PY) bench/data_throughput.py
 	$(PY) bench/average_memory.py
 	$(PY) bench/accumulation.py
 	$(PY) bench/segmentation.py --data $(TOY)

@@ -5,9 +5,10 @@ pipeline and against a bare full decode of the same files.
     python bench/data_throughput.py --data DIR      # any ImageFolder: DIR/<class>/*.jpg, DIR/train/...,
                                                     # or a toy-data root (DIR/imagenet/train)
 
-One thread, as in a DataLoader worker; the three rows are timed interleaved in one run (`--reps`
-rounds, the fastest of each), so a load on the machine hits them alike. Each reads the file's bytes from disk
-(the page cache, after the first round).
+One thread, as in a DataLoader worker, timed in CPU seconds of that thread (images/s per core); the rows
+are timed interleaved in one run, 25 files at a time, each chunk `--reps` times, the fastest counting
+(see fastest_of_rounds), so a load on the machine hits them alike. Each reads the file's bytes from
+disk (the page cache, after the first round).
 - reference: torchvision's classification reference, per sample: PIL decode -> RandomResizedCrop ->
   flip -> AutoAugment(nearest) -> to tensor -> float -> Normalize -> RandomErasing;
 - ours: data/classification.py's ImageFolder item (the loader-worker part): decode (torchvision) ->
@@ -62,21 +63,27 @@ def reference_transform(size: int, erase: bool = True):
            V1.RandomErasing(p=0.2, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)] if erase else [])])
 
 
-def fastest_of_rounds(fns: dict, rounds: int) -> dict[str, float]:
-    """Seconds per call of each fn: the fastest of `rounds` rounds after one warm-up, the fns run in
-    alternation within a round (in a rotating order). Other processes on the machine only ever slow
-    a round down, so the fastest round is the best estimate of each pipeline's own cost, and the
-    alternation exposes all of them to the same drift."""
+def fastest_of_rounds(fns: dict, n: int, rounds: int, chunk: int = 25) -> dict[str, float]:
+    """CPU seconds of this thread each fn(indices) takes for indices 0..n-1 (images per CPU second is
+    images/s per core; everything runs on this one thread): the files in chunks of `chunk`, each chunk
+    timed `rounds` times per fn after one warm-up pass, the fns in alternation (in a rotating order)
+    chunk by chunk; a chunk counts with its fastest time. CPU time, not wall time, because on a shared
+    machine other processes take the core away in bursts (a wall-clock figure then measures them);
+    what they still change (caches, memory bandwidth) only slows a measurement down, so the fastest of
+    several short ones is the best estimate, and the alternation exposes all pipelines alike."""
     names = list(fns)
+    chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
     for fn in fns.values():
-        fn()
-    best = {k: float("inf") for k in fns}
+        fn(range(n))
+    best = {k: [float("inf")] * len(chunks) for k in fns}
     for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            fns[k]()
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best
+        for c, indices in enumerate(chunks):
+            order = names[(r + c) % len(names):] + names[:(r + c) % len(names)]
+            for k in order:
+                start = time.thread_time()
+                fns[k](indices)
+                best[k][c] = min(best[k][c], time.thread_time() - start)
+    return {k: sum(v) for k, v in best.items()}
 
 
 def pixel_difference(ours: ImageFolder, files: list[str], size: int) -> dict[str, float]:
@@ -126,34 +133,34 @@ def main(argv=None) -> dict:
     files = [ours.samples[i][0] for i in picked]
     reference = reference_transform(args.size)
 
-    def run_reference():
-        for f in files:
-            with open(f, "rb") as fh:
+    def run_reference(indices):
+        for i in indices:
+            with open(files[i], "rb") as fh:
                 reference(Image.open(fh).convert("RGB"))
 
-    def run_ours():
-        for i in picked:
-            ours[(0, i)]
+    def run_ours(indices):
+        for i in indices:
+            ours[(0, picked[i])]
 
-    def run_bare():
-        for f in files:
-            with open(f, "rb") as fh:
+    def run_bare(indices):
+        for i in indices:
+            with open(files[i], "rb") as fh:
                 Image.open(fh).convert("RGB")
 
-    def run_torchvision_decode():
-        for f in files:
-            decode(f)
+    def run_torchvision_decode(indices):
+        for i in indices:
+            decode(files[i])
 
     t = fastest_of_rounds({"reference": run_reference, "ours": run_ours, "bare": run_bare, "torchvision_decode": run_torchvision_decode},
-                          rounds=args.reps)
+                          n, rounds=args.reps)
     batch_tf = BatchTransform(IMAGENET_MEAN, IMAGENET_STD, channels_last=True)
     items = [ours[(0, i)] for i in picked[:32]]
     batch, boxes = torch.stack([it[0] for it in items]), torch.stack([it[2] for it in items])
     batch_tf(batch, boxes)
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in range(5):
         batch_tf(batch, boxes)
-    batch_ms = 1e3 * (time.perf_counter() - start) / (5 * len(items))
+    batch_ms = 1e3 * (time.thread_time() - start) / (5 * len(items))
     diff = pixel_difference(ours, files, args.size)
     ips = {k: n / v for k, v in t.items()}
     sizes = np.array([Image.open(f).size for f in files])

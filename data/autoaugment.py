@@ -25,6 +25,10 @@ class AutoAugment(_TorchvisionAutoAugment):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._spaces: dict = {}
+        # torchvision compares each float32 coin (a tensor) with the policy's probability, which torch
+        # casts to float32 for the comparison: the same comparison on Python floats, without a tensor
+        # operation per coin (a third of the transform's cost at 224 px), needs the float32 value of p.
+        self._policies = [[(op, float(np.float32(p)), m) for op, p, m in policy] for policy in self.policies]
 
     def _space(self, height: int, width: int):
         key = (height, width)
@@ -39,8 +43,9 @@ class AutoAugment(_TorchvisionAutoAugment):
             return super().forward(img)
         width, height = img.size
         transform_id, probs, signs = self.get_params(len(self.policies))
+        probs, signs = probs.tolist(), signs.tolist()  # exact: float32 and int values
         op_meta = self._space(height, width)
-        for i, (op_name, p, magnitude_id) in enumerate(self.policies[transform_id]):
+        for i, (op_name, p, magnitude_id) in enumerate(self._policies[transform_id]):
             if probs[i] <= p:
                 magnitudes, signed = op_meta[op_name]
                 magnitude = magnitudes[magnitude_id] if magnitude_id is not None else 0.0

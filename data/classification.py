@@ -169,7 +169,7 @@ def _as_tensor(data) -> torch.Tensor:
 
 
 def _as_buffer(data):
-    """What simplejpeg and PIL read: the bytes themselves, or a tensor's numpy view."""
+    """What PIL reads: the bytes themselves, or a tensor's numpy view."""
     return data.numpy() if isinstance(data, torch.Tensor) else data
 
 
