@@ -37,4 +37,4 @@ bench: $(STAMP) $(TOY)/.done
 	$(PY) bench/qat_latency.py --threads 1
 
 clean:
-	rm -rf runs $(TOY)
+	rm -rf runs $(TOY) photo_data
