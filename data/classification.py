@@ -212,7 +212,7 @@ class TrainTransform:
     the image's size, the flip's coin, AutoAugment, RandomErasing.get_params), so for a given generator
     state the crop, flip, policy, magnitudes and box are the ones torchvision's reference transform
     would pick. The pixels differ from the reference's only by the resize: torch's antialiased uint8
-    resize (the same kernel as transforms v2) instead of PIL's, 0.17 ms against PIL's 0.5 ms per crop
+    resize (the same kernel as transforms v2) instead of PIL's, 0.18 ms against PIL's 0.7 ms per crop
     on the photographs, within one level of it (docs/data.md gives the bound measured there).
     AutoAugment runs on PIL, because its rotate/shear/translate cost ~1 ms per 224 px image as float
     grid_sample on tensors and ~0.12 ms as PIL's uint8 affine (measured on the 2-core CI machine). From
