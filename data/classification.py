@@ -281,11 +281,12 @@ def _crop_params(size_hw, scale, ratio) -> tuple[int, int, int, int]:
 
 def decode_pil(data, name: str) -> Image.Image:
     """Encoded image -> PIL RGB, as torchvision's reference scripts load it (PIL open + convert("RGB")).
-    What PIL cannot read that way (a damaged file, an animated GIF, a 16-bit PNG) goes through
-    `decode_bytes`: its clear error naming `name`, or today's image of it."""
+    What PIL cannot read that way (a damaged file, an animated GIF, a 16-bit PNG), and formats the
+    training loader does not decode (BMP, TIFF, ...), go through `decode_bytes`: its clear error
+    naming `name`, or today's image of it."""
     try:
         with Image.open(_io.BytesIO(_as_buffer(data))) as im:
-            if getattr(im, "n_frames", 1) == 1 and im.mode in _PIL_8BIT:
+            if im.format in _DECODED_FORMATS and getattr(im, "n_frames", 1) == 1 and im.mode in _PIL_8BIT:
                 return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         pass
@@ -294,6 +295,7 @@ def decode_pil(data, name: str) -> Image.Image:
 
 
 _PIL_8BIT = {"RGB", "L", "P", "CMYK", "RGBA", "LA", "PA", "YCbCr", "RGBX", "1"}
+_DECODED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}  # what torchvision's decode_image (training) reads
 
 
 def eval_transform(cfg: ClassificationDataConfig):
