@@ -29,7 +29,7 @@ test: $(STAMP)
 bench: $(STAMP) $(TOY)/.done
 	$(PY) bench/latency.py
 	$(PY) bench/train_throughput.py
-	$(PY) bench/data_throughput.py --data $(TOY)
+	$(PY) bench/data_throughput.py
 	$(PY) bench/shards.py --data $(TOY)
 	$(PY) bench/average_memory.py
 	$(PY) bench/accumulation.py
@@ -38,4 +38,4 @@ bench: $(STAMP) $(TOY)/.done
 	$(PY) bench/qat_latency.py --threads 1
 
 clean:
-	rm -rf runs $(TOY)
+	rm -rf runs $(TOY) photo_data

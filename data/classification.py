@@ -1,18 +1,27 @@
 """ImageNet-style classification data: ImageFolder on JPEGs, decoded to uint8 tensors.
 
-The fast path splits the published training transform in two:
-- per sample, in the loader workers, on uint8 tensors (torchvision transforms v2):
-  decode -> RandomResizedCrop -> horizontal flip -> AutoAugment, plus the RandomErasing *draw*
-  (whether and where to erase), all from a generator seeded by (seed, epoch, sample index);
+An item is read as the file's encoded bytes (`ImageFolder.read`), then decoded and transformed from
+those bytes (`decode_bytes`, which names the file in its errors), so a dataset can read them from
+another store than one file per image.
+
+The training transform is the published one, split in two:
+- per sample, in the loader workers, uint8 throughout: decode, RandomResizedCrop (torch's uint8
+  antialiased resize), horizontal flip, AutoAugment (data/autoaugment.py: torchvision's, cheaper), plus
+  the RandomErasing *draw* (whether and where to erase), all from a generator seeded by (seed, epoch,
+  sample index);
 - per batch, on the training device (BatchTransform): uint8 -> float, normalize, erase.
 Erasing with value 0 after normalization is what the reference does per sample; doing it as one
 masked fill on the batch gives the same pixels for a fraction of the cost, and the erase box was
 drawn with torchvision's own RandomErasing.get_params, so the distribution is unchanged.
+
+Evaluation is torchvision's reference preset value for value: PIL decode, PIL bilinear resize of
+the shorter side, center crop (the published accuracies were measured on that input).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io as _io
 import math
 import os
 import warnings
@@ -27,8 +36,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from torchvision import io
 from torchvision.transforms import InterpolationMode
 from torchvision import transforms as V1
-from torchvision.transforms import v2 as T
 
+from data.autoaugment import AutoAugment
 from engine.datacheck import check_val_images
 from engine.errors import DataError  # noqa: F401  (re-exported: the scripts' data errors)
 from engine.preemption import data_loader
@@ -111,15 +120,14 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"RIFF": "WebP", b"GIF8": "GIF"}
 
 
-def read_bytes(path: str) -> torch.Tensor:
-    """A file's bytes as a uint8 tensor, read by Python (torchvision's read_file cannot open a name that
-    is not valid UTF-8, which Linux file systems allow: Python keeps such bytes as surrogate escapes)."""
+def read_bytes(path: str) -> bytearray:
+    """A file's bytes, read by Python (torchvision's read_file cannot open a name that is not valid
+    UTF-8, which Linux file systems allow: Python keeps such bytes as surrogate escapes)."""
     try:
         with open(path, "rb") as fh:
-            data = bytearray(fh.read())
+            return bytearray(fh.read())
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def decode(path: str) -> torch.Tensor:
@@ -128,28 +136,43 @@ def decode(path: str) -> torch.Tensor:
     return decode_bytes(read_bytes(path), path)
 
 
-def decode_bytes(data: torch.Tensor | bytes, path: str) -> torch.Tensor:
-    """An encoded image's bytes -> uint8 RGB tensor (C, H, W), as decode(); `path` names it in errors."""
-    if isinstance(data, (bytes, bytearray)):
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+def decode_bytes(data, name: str) -> torch.Tensor:
+    """Encoded image (bytes, bytearray, numpy or uint8 tensor) -> uint8 RGB tensor (C, H, W), as
+    `decode`; its errors name `name`."""
+    data = _as_tensor(data)
     if data.numel() == 0:
-        raise DataError(f"{path}: empty file (0 bytes)")
+        raise DataError(f"{name}: empty file (0 bytes)")
     try:
         image = io.decode_image(data, mode=io.ImageReadMode.RGB)
     except RuntimeError as exc:
         head = bytes(data[:8].tolist())
         kind = next((k for sig, k in _SIGNATURES.items() if head.startswith(sig)), None)
         if kind is None:
-            raise DataError(f"{path}: not an image (the file starts with bytes {head.hex(' ')}, not a JPEG, PNG, "
+            raise DataError(f"{name}: not an image (the file starts with bytes {head.hex(' ')}, not a JPEG, PNG, "
                             "WebP or GIF signature)") from None
         reason = str(exc).strip().splitlines()[0].split(", ")[-1]
-        raise DataError(f"{path}: unreadable or truncated {kind} image ({reason})") from None
+        raise DataError(f"{name}: unreadable or truncated {kind} image ({reason})") from None
     if image.ndim != 3:  # an animated GIF: (frames, C, H, W)
-        raise DataError(f"{path}: an animated GIF of {image.shape[0]} frames; expected a still image "
+        raise DataError(f"{name}: an animated GIF of {image.shape[0]} frames; expected a still image "
                         "(save one frame as a JPEG or PNG)")
     if image.dtype != torch.uint8:
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
+
+
+def _as_tensor(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(data)
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+
+
+def _as_buffer(data):
+    """What PIL reads: the bytes themselves, or a tensor's numpy view."""
+    return data.numpy() if isinstance(data, torch.Tensor) else data
 
 
 class ImageFolder(Dataset):
@@ -167,22 +190,27 @@ class ImageFolder(Dataset):
             self.samples = [(self.shards.name(i), int(c)) for i, c in enumerate(self.shards.labels)]
         self.transform, self.seed, self.train = transform, seed, train
 
-    def load(self, index: int) -> torch.Tensor:
-        path = self.samples[index][0]
-        return decode(path) if self.shards is None else decode_bytes(self.shards.read(index), path)
-
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int):
+        """The encoded bytes of sample `index` (bytes-like, or a uint8 tensor): its file, or its shard's
+        range (data.format shards)."""
+        return read_bytes(self.samples[index][0]) if self.shards is None else self.shards.read(index)
+
+    def load(self, index: int) -> torch.Tensor:
+        """Sample `index` decoded to uint8 RGB (3, H, W) (the val-set check and --check-data)."""
+        return decode_bytes(self.read(index), self.samples[index][0])
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        target = self.samples[index][1]
-        image = self.load(index)
+        path, target = self.samples[index]
+        data = self.read(index)
         if not self.train:
-            return self.transform(image), target
+            return self.transform(data, path), target
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            image = self.transform.augment(image)
+            image = self.transform.augment_bytes(data, path)
             erase = self.transform.erase_box(image)
         return image, target, erase
 
@@ -191,17 +219,27 @@ class ImageFolder(Dataset):
 
 
 class TrainTransform:
-    """Per-sample part of the training transform: uint8 (3, H, W) in, uint8 (S, S, 3) out, plus the
-    erase-box draw.
+    """Per-sample part of the training transform: encoded bytes (or a decoded uint8 (3, H, W) tensor)
+    in, uint8 (S, S, 3) out, plus the erase-box draw.
 
-    Every random draw is the reference pipeline's own, in its order (RandomResizedCrop.get_params,
-    the flip's coin, AutoAugment, RandomErasing.get_params), so for a given generator state the crop,
-    flip, policy and box are the ones torchvision's reference transform would pick. Crop + resize run
-    on the uint8 tensor (torch's antialiased uint8 resize, the same kernel as transforms v2; faster
-    than PIL's); AutoAugment runs on PIL, because its rotate/shear/translate cost ~1 ms per 224 px
-    image as float grid_sample on tensors and ~0.12 ms as PIL's uint8 affine (measured on the 2-core
-    CI machine). From AutoAugment on, images stay height-width-channel, so the batch arrives on the
-    device already in channels_last layout.
+    Every random draw is the reference pipeline's own, in its order (RandomResizedCrop.get_params on
+    the image's size, the flip's coin, AutoAugment, RandomErasing.get_params), so for a given generator
+    state the crop, flip, policy, magnitudes and box are the ones torchvision's reference transform
+    would pick. The pixels differ from the reference's only by the resize: torch's antialiased uint8
+    resize (the same kernel as transforms v2) instead of PIL's, 0.18 ms against PIL's 0.7 ms per crop
+    on the photographs, within one level of it (docs/data.md gives the bound measured there).
+    AutoAugment runs on PIL, because its rotate/shear/translate cost ~1 ms per 224 px image as float
+    grid_sample on tensors and ~0.12 ms as PIL's uint8 affine (measured on the 2-core CI machine). From
+    AutoAugment on, images stay height-width-channel, so the batch arrives on the device already in
+    channels_last layout.
+
+    Decoding is torchvision's (libjpeg-turbo), 13% faster than simplejpeg's build of the same library on
+    the photographs. What was tried and measured, and left out (docs/data.md): libjpeg-turbo's
+    DCT-domain 1/2-1/4-1/8 downscale where the crop is at least twice the output (4% of the decode
+    time on ImageNet's size distribution, for a 3-level mean difference on the images it touches), its
+    fast IDCT and chroma upsampling (8%, for 2 levels mean after AutoAugment). A decode of only the
+    crop's rows and columns (tj3SetCroppingRegion) is what would cut the decode itself; no wheel on PyPI
+    binds it with the library inside.
     """
 
     def __init__(self, cfg: ClassificationDataConfig):
@@ -210,16 +248,27 @@ class TrainTransform:
         self.hflip = cfg.hflip
         self.auto_augment = None
         if cfg.auto_augment is not None:
-            self.auto_augment = V1.AutoAugment(V1.AutoAugmentPolicy(cfg.auto_augment),
-                                               interpolation=INTERPOLATION[cfg.auto_augment_interpolation])
+            self.auto_augment = AutoAugment(V1.AutoAugmentPolicy(cfg.auto_augment),
+                                             interpolation=INTERPOLATION[cfg.auto_augment_interpolation])
         self.p, self.erase_scale, self.erase_ratio = cfg.random_erasing, cfg.erasing_scale, cfg.erasing_ratio
 
+    def augment_bytes(self, data, name: str) -> torch.Tensor:
+        """Encoded image -> uint8 (S, S, 3); `name` is the file named in errors."""
+        return self.augment(decode_bytes(data, name))
+
     def augment(self, image: torch.Tensor) -> torch.Tensor:
-        top, left, h, w = V1.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        crop = image[None, :, top:top + h, left:left + w]
+        """Decoded uint8 (3, H, W) -> uint8 (S, S, 3)."""
+        top, left, h, w = _crop_params(image.shape[-2:], self.scale, self.ratio)
+        return self._finish(image[None, :, top:top + h, left:left + w])
+
+    def _finish(self, crop: torch.Tensor) -> torch.Tensor:
+        """(1, 3, h, w) uint8 crop -> resize, flip, AutoAugment -> (S, S, 3) uint8."""
         antialias = {"antialias": True, "align_corners": False} if self.mode != "nearest" else {}
+        # A channels-last copy of the crop (0.01 ms) makes torch resize in that layout and return the
+        # height-width-channel bytes PIL takes (0.17 ms, against 0.27 ms + 0.2 ms for the strided view).
+        crop = crop.contiguous(memory_format=torch.channels_last)
         out = nn.functional.interpolate(crop, size=(self.size, self.size), mode=self.mode, **antialias)[0]
-        pil = _to_pil(out)
+        pil = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy(), "RGB")
         if self.hflip > 0 and torch.rand(1).item() < self.hflip:
             pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.auto_augment is not None:
@@ -238,19 +287,38 @@ class TrainTransform:
         return torch.tensor([1, top, left, h, w], dtype=torch.int32)
 
 
-def _to_pil(chw: torch.Tensor) -> Image.Image:
-    """uint8 (3, H, W) -> PIL RGB: PIL interleaves the three planes in C (0.05 ms at 224 px, against
-    0.3 ms for a strided CHW -> HWC copy through numpy)."""
-    h, w = chw.shape[1:]
-    planes = [Image.frombuffer("L", (w, h), chw[c].contiguous().numpy(), "raw", "L", 0, 1) for c in range(3)]
-    return Image.merge("RGB", planes)
+def _crop_params(size_hw, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params for an image of this size (it reads only the size)."""
+    shape_only = torch.empty(()).expand(3, int(size_hw[0]), int(size_hw[1]))
+    return V1.RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
+
+
+def decode_pil(data, name: str) -> Image.Image:
+    """Encoded image -> PIL RGB, as torchvision's reference scripts load it (PIL open + convert("RGB")).
+    What PIL cannot read that way (a damaged file, an animated GIF, a 16-bit PNG), and formats the
+    training loader does not decode (BMP, TIFF, ...), go through `decode_bytes`: its clear error
+    naming `name`, or today's image of it."""
+    try:
+        with Image.open(_io.BytesIO(_as_buffer(data))) as im:
+            if im.format in _DECODED_FORMATS and getattr(im, "n_frames", 1) == 1 and im.mode in _PIL_8BIT:
+                return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass
+    image = decode_bytes(data, name)
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+_PIL_8BIT = {"RGB", "L", "P", "CMYK", "RGBA", "LA", "PA", "YCbCr", "RGBX", "1"}
+_DECODED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}  # what torchvision's decode_image (training) reads
 
 
 def eval_transform(cfg: ClassificationDataConfig):
-    """Resize (bilinear, antialias) + center crop on the uint8 tensor; (S, S, 3) out, like training."""
-    resize_crop = T.Compose([T.Resize(cfg.val_resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
-                             T.CenterCrop(cfg.val_crop)])
-    return lambda image: resize_crop(image).permute(1, 2, 0).contiguous()
+    """torchvision's reference evaluation preset (ClassificationPresetEval, PIL backend): PIL decode,
+    PIL bilinear resize of the shorter side to val_resize, center crop val_crop; (S, S, 3) uint8 out,
+    like training. (encoded bytes, file name) in."""
+    resize_crop = V1.Compose([V1.Resize(cfg.val_resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                              V1.CenterCrop(cfg.val_crop)])
+    return lambda data, name: torch.from_numpy(np.array(resize_crop(decode_pil(data, name))))
 
 
 class BatchTransform(nn.Module):
