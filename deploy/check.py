@@ -93,7 +93,10 @@ def detection_images(src: Source) -> Iterator[torch.Tensor]:
 
 
 def _acc1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (logits.argmax(1) == labels).double().mean().item()
+    """As the scripts count it (engine.metrics: topk, whose tie-break int8 logits often need)."""
+    from engine.metrics import topk_correct
+
+    return 100.0 * topk_correct(logits, labels, (1,)).item() / len(labels)
 
 
 @torch.no_grad()

@@ -55,7 +55,7 @@ def _shapes(kind: str):
 def export_float(model: nn.Module, kind: str, example: torch.Tensor) -> tuple[bytes, dict]:
     """kind: classification | segmentation; example: a batch-1 input."""
     if kind == "segmentation":
-        model = SegmentationOut(model)
+        model = SegmentationOut(model).eval()
     with _quiet(), torch.no_grad():
         program = torch.export.export(model.eval(), (example,), dynamic_shapes=_shapes(kind))
         buffer = _lower(program)

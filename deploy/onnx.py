@@ -16,11 +16,14 @@ Which exporter (torch.onnx.export(dynamo=...)), and why:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import warnings
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OPSET_DYNAMO = 18
@@ -38,12 +41,34 @@ class SegmentationOut(nn.Module):
         return self.model(x)["out"]
 
 
-class SingleImageDetector(nn.Module):
-    """A torchvision detector on one float image (3, H, W) in [0, 1] -> (boxes, labels, scores)."""
+def exact_resize(transform: nn.Module, image: torch.Tensor, target=None):
+    """GeneralizedRCNNTransform.resize (eval) with PyTorch's eager rounding, for the ONNX graph.
 
-    def __init__(self, model: nn.Module):
+    Eager PyTorch resizes to floor(side * scale) computed in Python floats (float64). Traced for ONNX,
+    torchvision computes the scale in float32 and lets ONNX Runtime's Resize derive the size from it, which
+    rounds differently for some sizes: a 163 x 184 image becomes 159 px high instead of 160 at min_size 160,
+    and its detections move by 0.3 px and their scores by 0.01 (seen on the toy val set). Here the graph
+    computes the output size as eager PyTorch does (float64) and resizes to it."""
+    shape = torch._shape_as_tensor(image)[-2:].to(torch.float64)
+    # tensors, not Python floats: the tracer would turn `float / tensor` into a float32 Reciprocal and Mul
+    lo = torch.tensor(float(transform.min_size[-1]), dtype=torch.float64)
+    hi = torch.tensor(float(transform.max_size), dtype=torch.float64)
+    scale = torch.minimum(lo / shape.min(), hi / shape.max())
+    size = torch.floor(shape * scale).to(torch.int64)
+    image = F.interpolate(image[None], size=(size[0], size[1]), mode="bilinear", align_corners=False)[0]
+    return image, target
+
+
+class SingleImageDetector(nn.Module):
+    """A torchvision detector on one float image (3, H, W) in [0, 1] -> (boxes, labels, scores); for the
+    ONNX graph, a copy with `exact_resize`."""
+
+    def __init__(self, model: nn.Module, onnx_resize: bool = False):
         super().__init__()
-        self.model = model
+        if onnx_resize:
+            model = copy.deepcopy(model)
+            model.transform.resize = partial(exact_resize, model.transform)  # an instance attribute: forward
+        self.model = model                                                    # calls self.resize
 
     def forward(self, image: torch.Tensor):
         out = self.model([image])[0]
@@ -63,7 +88,7 @@ def export(model: nn.Module, kind: str, example: torch.Tensor, path: str) -> dic
     Returns what the sidecar records about the graph (exporter, opset, inputs, outputs)."""
     with _quiet(), torch.no_grad():
         if kind == "detection":
-            torch.onnx.export(SingleImageDetector(model), (example,), path, dynamo=False,
+            torch.onnx.export(SingleImageDetector(model, onnx_resize=True).eval(), (example,), path, dynamo=False,
                               opset_version=OPSET_TORCHSCRIPT, input_names=["image"],
                               output_names=["boxes", "labels", "scores"],
                               dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
@@ -79,7 +104,7 @@ def export(model: nn.Module, kind: str, example: torch.Tensor, path: str) -> dic
                     "inputs": {"images": "float32 (N, 3, H, W), normalized"}, "outputs": {"logits": "float32 (N, C)"}}
         batch = torch.export.Dim("batch", min=1, max=1024)
         if kind == "segmentation":
-            model = SegmentationOut(model)
+            model = SegmentationOut(model).eval()
             shapes = ({0: batch, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
             outputs = {"out": "float32 (N, classes, H, W) logits"}
         else:
