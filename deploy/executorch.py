@@ -28,14 +28,16 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 @contextlib.contextmanager
 def _quiet():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    """torch.export logs the whole graph when it fails, and the lowering prints progress: keep the CLI's
+    output to its own lines."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
+        logging.disable(logging.CRITICAL)
         try:
             yield
         finally:
-            logging.getLogger().setLevel(level)
+            logging.disable(logging.NOTSET)
 
 
 def _lower(program: torch.export.ExportedProgram) -> bytes:

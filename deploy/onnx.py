@@ -9,8 +9,9 @@ Which exporter (torch.onnx.export(dynamo=...)), and why:
   NMS ("Could not guard on data-dependent expression Eq(4*u1, 0)"). Height and width are dynamic axes, and
   so is the number of detections (0, 1 or many: tested).
 - int8 (the eager QAT/PTQ models): dynamo=False: torch.export cannot trace eager int8 modules (their
-  packed-weight objects), while the TorchScript-based exporter maps quantized::conv2d, linear, add, mul,
-  hardswish to QLinearConv, QLinearMatMul, ... (ONNX Runtime runs them in int8).
+  packed-weight objects), while the TorchScript-based exporter writes them in ONNX's QDQ form (int8 weights,
+  QuantizeLinear/DequantizeLinear around Conv, Gemm, HardSwish, Add, Mul), which ONNX Runtime fuses into
+  int8 kernels. A PTQ run's TorchScript export (export/model_int8.pt) goes through the same exporter.
 """
 
 from __future__ import annotations
