@@ -47,10 +47,12 @@ def _lower(program: torch.export.ExportedProgram) -> bytes:
     return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
 
 
-def _shapes(kind: str):
-    # batch 1 (what a device runs); segmentation keeps the image's height and width dynamic
+def _shapes(kind: str, size: int):
+    """Batch 1 (what a device runs). Segmentation keeps height and width dynamic, from half to twice the
+    eval size (the short side is the eval size; XNNPACK plans its memory for the upper bound)."""
     if kind == "segmentation":
-        return ({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
+        return ({2: torch.export.Dim("height", min=size // 2, max=2 * size),
+                 3: torch.export.Dim("width", min=size // 2, max=2 * size)},)
     return None
 
 
@@ -59,9 +61,11 @@ def export_float(model: nn.Module, kind: str, example: torch.Tensor) -> tuple[by
     if kind == "segmentation":
         model = SegmentationOut(model).eval()
     with _quiet(), torch.no_grad():
-        program = torch.export.export(model.eval(), (example,), dynamic_shapes=_shapes(kind))
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=_shapes(kind, example.shape[-1]))
         buffer = _lower(program)
-    return buffer, {"backend": "XNNPACK", "batch": 1, "dynamic": "height, width" if kind == "segmentation" else "none"}
+    size = example.shape[-1]
+    dynamic = f"height and width in [{size // 2}, {2 * size}]" if kind == "segmentation" else "none"
+    return buffer, {"backend": "XNNPACK", "batch": 1, "dynamic": dynamic}
 
 
 def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration) -> tuple[nn.Module, int]:
