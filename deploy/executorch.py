@@ -110,9 +110,17 @@ def runner(path: str):
     """A callable on the .pte in ExecuTorch's Python runtime: a batch of N images runs as N calls."""
     from executorch.runtime import Runtime
 
+    from deploy.check import CheckFailed
+
     method = Runtime.get().load_program(str(path)).load_method("forward")
 
+    def one(x: torch.Tensor) -> torch.Tensor:
+        try:
+            return method.execute([x.contiguous()])[0]
+        except RuntimeError as exc:
+            raise CheckFailed(f"ExecuTorch refused an input of shape {tuple(x.shape)}: {exc}") from None
+
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([method.execute([x[i:i + 1].contiguous()])[0] for i in range(x.shape[0])])
+        return torch.cat([one(x[i:i + 1]) for i in range(x.shape[0])])
 
     return run

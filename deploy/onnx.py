@@ -119,23 +119,33 @@ def export(model: nn.Module, kind: str, example: torch.Tensor, path: str) -> dic
             "outputs": outputs}
 
 
-def session(path: str, threads: int | None = None):
+def session(path: str, threads: int | None = None, spin: bool = True):
+    """spin=False: ONNX Runtime's threads sleep between runs instead of spinning (a benchmark that times
+    PyTorch in between needs the cores back)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
 
 
-def runner(path: str, kind: str, threads: int | None = None):
+def runner(path: str, kind: str, threads: int | None = None, spin: bool = True):
     """A callable with PyTorch's calling convention for the check: tensors in, tensors out."""
-    sess = session(path, threads)
+    from deploy.check import CheckFailed
+
+    sess = session(path, threads, spin)
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor):
-        outs = sess.run(None, {name: x.numpy()})
+        try:
+            outs = sess.run(None, {name: x.numpy()})
+        except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own types)
+            raise CheckFailed(f"ONNX Runtime refused an input of shape {tuple(x.shape)}: "
+                              f"{str(exc).strip().splitlines()[0][:300]}") from None
         if kind == "detection":
             return {"boxes": torch.from_numpy(outs[0]), "labels": torch.from_numpy(outs[1]),
                     "scores": torch.from_numpy(outs[2])}
