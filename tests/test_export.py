@@ -299,14 +299,21 @@ def test_detection_to_executorch_is_refused_in_one_line(detector):
 # ============================================================================ segmentation
 
 
-def test_segmentation_onnx_matches_pytorch_at_any_size(seg_run):
-    import onnxruntime as ort
-
-    run, model = seg_run
+@pytest.fixture(scope="module")
+def seg_onnx(seg_run) -> Path:
+    run = seg_run[0]
     out = run / "lraspp.onnx"
     code, stdout, stderr = export(run, run, "--format", "onnx", "--out", out)
     assert code == 0, stderr
     assert "mIoU" in stdout
+    return out
+
+
+def test_segmentation_onnx_matches_pytorch_at_any_size(seg_run, seg_onnx):
+    import onnxruntime as ort
+
+    run, model = seg_run
+    out = seg_onnx
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(0)
     for shape in [(1, 3, 208, 277), (2, 3, 240, 208)]:
@@ -324,39 +331,44 @@ def test_segmentation_onnx_matches_pytorch_at_any_size(seg_run):
 RELOAD = """
 import sys, torch, onnxruntime as ort
 from executorch.runtime import Runtime
-x = torch.load(sys.argv[1])
+inputs = torch.load(sys.argv[1])
 outs = {}
-for path in sys.argv[3:]:
+for path, x in inputs.items():
     if path.endswith(".onnx"):
         s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        outs[path] = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+        outs[path] = [torch.from_numpy(a) for a in s.run(None, {s.get_inputs()[0].name: x.numpy()})]
     else:
-        outs[path] = Runtime.get().load_program(path).load_method("forward").execute([x])[0]
+        outs[path] = list(Runtime.get().load_program(path).load_method("forward").execute([x]))
 torch.save(outs, sys.argv[2])
 """
 
 
-def test_every_file_reloads_in_a_fresh_process_with_the_same_outputs(cls_onnx, qat_onnx, qat_run, toy_data, tmp_path):
+def test_every_file_reloads_in_a_fresh_process_with_the_same_outputs(cls_onnx, qat_onnx, qat_run, det_onnx, detector,
+                                                                     seg_onnx, toy_data, tmp_path):
     import onnxruntime as ort
 
-    pte = qat_run / "int8.pte"
-    files = [cls_onnx, qat_onnx] + ([pte] if pte.exists() else [])
     x, _ = val_batch(toy_data, 1)
-    torch.save(x, tmp_path / "x.pt")
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "x.pt"), str(tmp_path / "y.pt"),
-                           *map(str, files)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one = detector[3].index(1)  # an image with one detection
+    inputs = {str(cls_onnx): x, str(qat_onnx): x, str(det_onnx): detector[2][one],
+              str(seg_onnx): torch.randn(1, 3, 208, 240, generator=torch.Generator().manual_seed(0))}
+    pte = qat_run / "int8.pte"
+    if pte.exists():  # written by the ExecuTorch test
+        inputs[str(pte)] = x
+    torch.save(inputs, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh = torch.load(tmp_path / "y.pt")
-    for f in files:
-        if f.suffix == ".onnx":
-            s = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-            here = torch.from_numpy(s.run(None, {"images": x.numpy()})[0])
+    for f, inp in inputs.items():
+        if f.endswith(".onnx"):
+            s = ort.InferenceSession(f, providers=["CPUExecutionProvider"])
+            here = [torch.from_numpy(a) for a in s.run(None, {s.get_inputs()[0].name: inp.numpy()})]
         else:
             from executorch.runtime import Runtime
 
-            here = Runtime.get().load_program(str(f)).load_method("forward").execute([x])[0]
-        assert torch.allclose(fresh[str(f)], here, atol=1e-5), f
+            here = list(Runtime.get().load_program(f).load_method("forward").execute([inp]))
+        assert len(fresh[f]) == len(here) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh[f], here)), f
+    assert len(fresh[str(det_onnx)][0]) == 1
 
 
 # ============================================================================ bad input
