@@ -8,6 +8,7 @@ runtime on the val set, then rename it and its sidecar into place. A failed chec
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -72,6 +73,11 @@ def export(src: Source, fmt: str, out: Path, log=print) -> dict:
         side_tmp.write_text(json.dumps(info, indent=2) + "\n")
         tmp.replace(out)
         side_tmp.replace(sidecar_path(out))
+    except OSError as exc:  # a full disk, a read-only directory (root passes os.access)
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            raise
+        out.unlink(missing_ok=True)
+        raise UserError(f"{out}: cannot write the export ({exc.strerror or exc})") from None
     finally:
         for p in (tmp, _tmp(sidecar_path(out))):
             p.unlink(missing_ok=True)
