@@ -1,0 +1,182 @@
+"""The check every export passes before it is kept: run the exported file in its runtime on the recipe's
+validation set and compare with PyTorch on the same inputs.
+
+Inputs are what the training script evaluates: classification the resized, centre-cropped, normalized
+val images; segmentation the val images at short side data.eval_size, normalized; detection the val
+images as float [0, 1] tensors of their own sizes (the detector resizes and normalizes inside its graph).
+
+Tolerances (TOLERANCE): float exports must match PyTorch's logits / segmentation logits within an
+absolute difference and give the same Acc@1 / mIoU on the val set; int8 exports must be within 1 point of
+Acc@1 of the eager int8 model (the published row's model); detections must match one for one (same count,
+same labels, boxes and scores within the tolerance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+
+from deploy.source import Source
+from engine.distributed import DistState
+
+# Absolute tolerances, checked on every val image (stated in the sidecar and docs/export.md).
+TOLERANCE = {
+    "classification": {"logits": 1e-3},     # and Acc@1 equal
+    "segmentation": {"logits": 1e-3},       # and mIoU equal
+    "int8": {"acc1_points": 1.0},           # |Acc@1(export) - Acc@1(eager int8)| <= 1 point
+    "detection": {"boxes_px": 0.05, "scores": 1e-4},  # and the same number of detections and labels
+}
+
+
+class CheckFailed(Exception):
+    """The export does not reproduce PyTorch within the stated tolerance."""
+
+
+# ============================================================================ validation inputs
+
+
+def classification_batches(src: Source, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalized images (N, 3, crop, crop), labels) over the val set, as the scripts evaluate them."""
+    from data.classification import BatchTransform, build_loaders
+
+    d = dataclasses.replace(src.cfg.data, workers=0, batch_size=batch_size or src.cfg.data.batch_size)
+    _, _, _, loader = build_loaders(d, src.cfg.model.num_classes, src.cfg.run.seed, DistState(), train=False,
+                                    check_val=False)
+    tf = BatchTransform(d.mean, d.std, False)
+    for images, labels, *_ in loader:
+        yield tf(images), labels
+
+
+def calibration_batches(src: Source) -> Iterator[torch.Tensor]:
+    """The images eager PTQ calibrates on (train_qat.py): the first qat.calibration_batches x data.batch_size
+    training images in folder order, with the training transform of epoch 0."""
+    from torch.utils.data import BatchSampler
+
+    from data.classification import BatchTransform, build_loaders, make_loader
+
+    d = dataclasses.replace(src.cfg.data, workers=0)
+    train_set, _, _, _ = build_loaders(d, src.cfg.model.num_classes, src.cfg.run.seed, DistState(), train=True,
+                                       check_val=False)
+    n = min(len(train_set), d.batch_size * src.cfg.qat.calibration_batches)
+    loader = make_loader(train_set, BatchSampler([(0, i) for i in range(n)], d.batch_size, False), 0, False)
+    tf = BatchTransform(d.mean, d.std, False)
+    for images, _, erase in loader:
+        yield tf(images, erase)
+
+
+def segmentation_batches(src: Source) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalized images (1, 3, h, w) at short side data.eval_size, masks (1, h, w)), one image at a time."""
+    from data.classification import BatchTransform
+    from data.segmentation import CocoVoc, EvalTransform
+
+    d = src.cfg.data
+    val_set = CocoVoc(d.root, "val", EvalTransform(d.eval_size), src.cfg.run.seed, d.cache_dir())
+    tf = BatchTransform(d.mean, d.std, False)
+    for i in range(len(val_set)):
+        image, mask = val_set[(0, i)]
+        yield tf(image[None]), mask[None]
+
+
+def detection_images(src: Source) -> Iterator[torch.Tensor]:
+    """The val images, float (3, H, W) in [0, 1], each at its own size."""
+    from data.detection import CocoDetection
+
+    val_set = CocoDetection(src.cfg.data.root, "val", train=False, hflip=0.0, seed=src.cfg.run.seed,
+                            box_margin=src.cfg.data.box_margin)
+    for i in range(len(val_set)):
+        yield val_set.load(i).float().div_(255)
+
+
+# ============================================================================ comparisons
+
+
+def _acc1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """As the scripts count it (engine.metrics: topk, whose tie-break int8 logits often need)."""
+    from engine.metrics import topk_correct
+
+    return 100.0 * topk_correct(logits, labels, (1,)).item() / len(labels)
+
+
+@torch.no_grad()
+def check_classification(reference: Callable, exported: Callable, batches, int8: bool) -> dict:
+    """reference/exported: (N, 3, H, W) -> logits (N, C). Float: logits within the tolerance and Acc@1
+    equal; int8: Acc@1 within 1 point of the reference (the eager int8 model)."""
+    ref, out, labels = [], [], []
+    for x, y in batches:
+        ref.append(reference(x).float())
+        out.append(exported(x).float())
+        labels.append(y)
+    ref, out, labels = torch.cat(ref), torch.cat(out), torch.cat(labels)
+    result = {"images": len(labels), "max_abs_diff": (ref - out).abs().max().item(),
+              "top1_agreement": 100.0 * (ref.argmax(1) == out.argmax(1)).double().mean().item(),
+              "acc1_pytorch": _acc1(ref, labels), "acc1_export": _acc1(out, labels)}
+    if int8:
+        tol = TOLERANCE["int8"]
+        result["tolerance"] = tol
+        if abs(result["acc1_export"] - result["acc1_pytorch"]) > tol["acc1_points"]:
+            raise CheckFailed(f"int8 Acc@1 {result['acc1_export']:.2f} vs the eager int8 model's "
+                              f"{result['acc1_pytorch']:.2f}: more than {tol['acc1_points']} point apart")
+    else:
+        tol = TOLERANCE["classification"]
+        result["tolerance"] = tol
+        if not result["max_abs_diff"] <= tol["logits"] or result["acc1_export"] != result["acc1_pytorch"]:
+            raise CheckFailed(f"logits differ by up to {result['max_abs_diff']:.3g} (tolerance {tol['logits']}), "
+                              f"Acc@1 {result['acc1_export']:.2f} vs PyTorch's {result['acc1_pytorch']:.2f}")
+    return result
+
+
+@torch.no_grad()
+def check_segmentation(reference: Callable, exported: Callable, batches) -> dict:
+    """reference/exported: (N, 3, h, w) -> "out" logits (N, 21, h, w); logits within the tolerance and mIoU
+    (confusion matrix over the val set, engine.confusion) equal."""
+    from data.segmentation import NUM_CLASSES
+    from engine.confusion import confusion_matrix, segmentation_scores
+
+    mats = [torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) for _ in range(2)]
+    worst, n = 0.0, 0
+    for x, mask in batches:
+        ref, out = reference(x).float(), exported(x).float()
+        worst = max(worst, (ref - out).abs().max().item())
+        for mat, logits in zip(mats, (ref, out)):
+            mat += confusion_matrix(mask, logits.argmax(1), NUM_CLASSES)
+        n += x.shape[0]
+    ref_s, out_s = (segmentation_scores(m) for m in mats)
+    tol = TOLERANCE["segmentation"]
+    result = {"images": n, "max_abs_diff": worst, "miou_pytorch": ref_s["miou"], "miou_export": out_s["miou"],
+              "pixels_differing": int((mats[0] != mats[1]).sum().item()), "tolerance": tol}
+    if not worst <= tol["logits"] or ref_s["miou"] != out_s["miou"]:
+        raise CheckFailed(f"segmentation logits differ by up to {worst:.3g} (tolerance {tol['logits']}), mIoU "
+                          f"{out_s['miou']:.3f} vs PyTorch's {ref_s['miou']:.3f}")
+    return result
+
+
+def match_detections(ref: dict, out: dict, image: str) -> dict:
+    """One image's detections, PyTorch's and the export's, matched in order (both sort by score)."""
+    tol = TOLERANCE["detection"]
+    n_ref, n_out = len(ref["boxes"]), len(out["boxes"])
+    if n_ref != n_out:
+        raise CheckFailed(f"{image}: {n_out} detections from the export, {n_ref} from PyTorch")
+    if n_ref and not torch.equal(ref["labels"].long(), out["labels"].long()):
+        raise CheckFailed(f"{image}: labels differ: {out['labels'].tolist()} vs PyTorch's {ref['labels'].tolist()}")
+    box = (ref["boxes"] - out["boxes"]).abs().max().item() if n_ref else 0.0
+    score = (ref["scores"] - out["scores"]).abs().max().item() if n_ref else 0.0
+    if box > tol["boxes_px"] or score > tol["scores"]:
+        raise CheckFailed(f"{image}: boxes differ by up to {box:.3g} px (tolerance {tol['boxes_px']}), scores by "
+                          f"{score:.3g} (tolerance {tol['scores']})")
+    return {"detections": n_ref, "boxes_px": box, "scores": score}
+
+
+@torch.no_grad()
+def check_detection(reference: Callable, exported: Callable, images) -> dict:
+    """reference/exported: float image (3, H, W) -> {boxes, labels, scores}; every image matched."""
+    worst_box = worst_score = 0.0
+    counts = []
+    for i, image in enumerate(images):
+        m = match_detections(reference(image), exported(image), f"val image {i} ({image.shape[1]}x{image.shape[2]})")
+        worst_box, worst_score = max(worst_box, m["boxes_px"]), max(worst_score, m["scores"])
+        counts.append(m["detections"])
+    return {"images": len(counts), "detections": sum(counts), "images_with_0": counts.count(0),
+            "images_with_1": counts.count(1), "max_abs_diff": {"boxes_px": worst_box, "scores": worst_score},
+            "tolerance": TOLERANCE["detection"]}

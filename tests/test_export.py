@@ -1,0 +1,402 @@
+"""tools/export.py: ONNX and ExecuTorch exports of toy runs, checked again here in their runtimes.
+
+The oracles: torchvision's own MobileNetV3 (classification logits), the eager int8 model of the published
+QAT path (models.quantize, as train_qat.py converts it), the PyTorch detector and segmenter of the run's
+recipe, and a fresh process that reloads every exported file. Exports are made once per module (they are
+slow) and shared between the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import ROOT, run_in_process
+
+EXPORT = "tools/export.py"
+
+
+def export(tmp: Path, *args) -> tuple[int, str, str]:
+    proc = run_in_process(EXPORT, [str(a) for a in args], tmp)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def sidecar(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".json").read_text())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def val_batch(toy_data: Path, n: int = 32, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """n toy val images as train_classification.py evaluates them (resize 73, crop 64, normalized)."""
+    from torchvision.io import decode_image
+    from torchvision.transforms import v2 as T
+
+    root = toy_data / "imagenet" / split
+    classes = sorted(p.name for p in root.iterdir())
+    files = sorted((p, i) for i, c in enumerate(classes) for p in (root / c).iterdir())[:: max(1, 100 // n)][:n]
+    tf = T.Compose([T.Resize(73, antialias=True), T.CenterCrop(64), T.ToDtype(torch.float32, scale=True),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    return torch.stack([tf(decode_image(str(p))) for p, _ in files]), torch.tensor([i for _, i in files])
+
+
+def write_run(run_dir: Path, config, state: dict) -> Path:
+    """A run directory as the scripts write one: config.yaml and checkpoints/last.pt with the config."""
+    from engine import checkpoint
+    from engine.config import save_config, to_dict
+
+    (run_dir / "checkpoints").mkdir(parents=True)
+    save_config(config, run_dir / "config.yaml")
+    checkpoint.save(checkpoint.new(state, epoch=0, config=to_dict(config)), run_dir / "checkpoints" / "last.pt")
+    return run_dir
+
+
+# ============================================================================ runs and exports (module scope)
+
+
+@pytest.fixture(scope="module")
+def cls_onnx(toy_backbone, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cls") / "model.onnx"
+    code, stdout, stderr = export(out.parent, toy_backbone.parents[1], "--format", "onnx", "--out", out)
+    assert code == 0, stderr
+    assert "checked on 100 val images" in stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def qat_run(toy_backbone, toy_data, tmp_path_factory) -> Path:
+    """A QAT run directory built directly: the toy float checkpoint with its classifier fitted on the toy val
+    images (the 2-epoch backbone is near chance, and int8 rounding flips near-tied predictions, so a test of
+    "within 1 point" on 100 images needs confident ones: this tests the export's fidelity, not the model),
+    prepared for QAT (qnnpack, float SE gate as the recipe), its observers run over the 100 training images."""
+    import train_qat
+    from engine.config import load_config
+    from models import build, quantize
+    from models.weights import load_weights
+
+    cfg = load_config(train_qat.Config, ROOT / "recipes/toy/qat.yaml",
+                      [f"data.root={toy_data / 'imagenet'}", f"model.weights={toy_backbone}"])
+    model = build("quantizable_mobilenet_v3_large", num_classes=10, dropout=0.2,
+                  norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.1))
+    load_weights(model, toy_backbone)
+    x, _ = val_batch(toy_data, 100, "train")
+    v, y = val_batch(toy_data, 100)
+    model.eval()
+    with torch.no_grad():
+        features = model.avgpool(model.features(model.quant(v))).flatten(1)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.classifier.parameters(), lr=1e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model.classifier(features), y).backward()
+        opt.step()
+    quantize.prepare_qat(model, "qnnpack", "float")
+    with torch.no_grad():
+        model(x[:50]), model(x[50:])
+    return write_run(tmp_path_factory.mktemp("qat"), cfg, model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def qat_onnx(qat_run) -> Path:
+    out = qat_run / "int8.onnx"
+    code, _, stderr = export(qat_run, qat_run, "--format", "onnx", "--out", out)
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def detector(toy_backbone, toy_data, tmp_path_factory):
+    """A Faster R-CNN run directory (toy recipe, the toy backbone) whose box head scores class 1 near the
+    threshold, so that images give 0, 1 or more detections: other classes are switched off, and class 1's
+    bias is set so that the median image's best proposal is just above box_score_thresh. Returns (run dir,
+    the PyTorch model, the images, their detection counts)."""
+    import train_detection
+    from engine.config import load_config
+
+    cfg = load_config(train_detection.Config, ROOT / "recipes/toy/detection.yaml",
+                      [f"data.root={toy_data / 'coco'}", f"model.backbone_weights={toy_backbone}"])
+    torch.manual_seed(0)
+    model = train_detection.build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    sizes = [(160, 200), (163, 184), (240, 320), (320, 240), (200, 200), (180, 260), (256, 170), (300, 300)]
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    head = model.roi_heads.box_predictor.cls_score
+    thresh = model.roi_heads.score_thresh
+    with torch.no_grad():
+        head.weight.mul_(20.0)
+        head.bias.fill_(-30.0)
+        head.bias[:2] = 0.0  # background and class 1
+        model.roi_heads.score_thresh = 0.0
+        best = [model([im])[0]["scores"].max().item() for im in images]  # class 1 only: the rest are -30
+        model.roi_heads.score_thresh = thresh
+        logit = sorted(math.log(p / (1 - p)) for p in best)[len(best) // 2]
+        head.bias[1] = math.log(thresh / (1 - thresh)) - logit + 1e-3
+        counts = [len(model([im])[0]["boxes"]) for im in images]
+    run = write_run(tmp_path_factory.mktemp("det"), cfg, model.state_dict())
+    return run, model, images, counts
+
+
+@pytest.fixture(scope="module")
+def det_onnx(detector) -> Path:
+    run = detector[0]
+    code, stdout, stderr = export(run, run, "--format", "onnx")
+    assert code == 0, stderr
+    return run / "export" / "fasterrcnn_mobilenet_v3_large_fpn.onnx"
+
+
+@pytest.fixture(scope="module")
+def seg_run(toy_backbone, toy_data, tmp_path_factory):
+    import train_segmentation
+    from engine.config import load_config
+
+    cfg = load_config(train_segmentation.Config, ROOT / "recipes/toy/segmentation.yaml",
+                      [f"data.root={toy_data / 'coco'}", f"data.mask_cache={toy_data / 'voc_mask_cache'}",
+                       f"model.backbone_weights={toy_backbone}"])
+    torch.manual_seed(0)
+    model = train_segmentation.build_model(cfg.model).eval()
+    return write_run(tmp_path_factory.mktemp("seg"), cfg, model.state_dict()), model
+
+
+# ============================================================================ classification
+
+
+def test_classification_onnx_matches_torchvision_and_records_its_source(cls_onnx, toy_backbone, toy_data):
+    import onnxruntime as ort
+    import torchvision
+
+    from models.weights import read_state
+
+    oracle = torchvision.models.mobilenet_v3_large(num_classes=10).eval()
+    oracle.load_state_dict(read_state(toy_backbone))
+    x, labels = val_batch(toy_data)
+    with torch.no_grad():
+        ref = oracle(x)
+    sess = ort.InferenceSession(str(cls_onnx), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])  # a batch of 32: the batch axis is dynamic
+    assert (out - ref).abs().max() <= 1e-3
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    info = sidecar(cls_onnx)
+    assert info["source"]["sha256"] == sha256(toy_backbone)
+    assert info["preprocessing"]["resize"]["short_side"] == 73 and info["preprocessing"]["center_crop"] == 64
+    assert info["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert info["classes"] == sorted(p.name for p in (toy_data / "imagenet" / "val").iterdir())
+    assert info["check"]["max_abs_diff"] <= info["check"]["tolerance"]["logits"] == 1e-3
+    assert info["check"]["acc1_export"] == info["check"]["acc1_pytorch"]
+    assert info["graph"]["exporter"] == "dynamo"
+
+
+# ============================================================================ int8
+
+
+def eager_int8_acc1(qat_run: Path, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The published QAT path's int8 model (train_qat.py: prepare_qat, load, convert), qnnpack."""
+    from engine.metrics import topk_correct
+    from models import build, quantize
+    from models.weights import load_weights
+
+    model = build("quantizable_mobilenet_v3_large", num_classes=10, dropout=0.2,
+                  norm_layer=partial(nn.BatchNorm2d, eps=0.001))
+    quantize.prepare_qat(model, "qnnpack", "float")
+    load_weights(model, qat_run / "checkpoints" / "last.pt")
+    int8 = quantize.convert_int8(model, "qnnpack")
+    with quantize.engine("qnnpack"), torch.no_grad():
+        logits = int8(x)
+    return 100.0 * topk_correct(logits, labels, (1,)).item() / len(labels), logits
+
+
+def test_qat_int8_onnx_is_within_one_point_of_the_eager_int8_model(qat_onnx, qat_run, cls_onnx, toy_data):
+    import onnx
+    import onnxruntime as ort
+
+    from engine.metrics import topk_correct
+
+    x, labels = val_batch(toy_data, 100)
+    ref_acc, ref = eager_int8_acc1(qat_run, x, labels)
+    sess = ort.InferenceSession(str(qat_onnx), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    acc = 100.0 * topk_correct(out, labels, (1,)).item() / len(labels)
+    assert abs(acc - ref_acc) <= 1.0, (acc, ref_acc)
+    ops = {n.op_type for n in onnx.load(str(qat_onnx)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: ONNX Runtime fuses these into int8 kernels
+    assert qat_onnx.stat().st_size < 0.4 * cls_onnx.stat().st_size  # int8 weights, not float ones
+    info = sidecar(qat_onnx)
+    assert info["precision"] == "int8" and info["check"]["tolerance"] == {"acc1_points": 1.0}
+
+
+def test_a_failed_check_writes_nothing(qat_run, monkeypatch):
+    from deploy import check
+
+    monkeypatch.setitem(check.TOLERANCE, "int8", {"acc1_points": -1.0})  # no export can pass
+    out = qat_run / "failing.onnx"
+    code, _, stderr = export(qat_run, qat_run, "--format", "onnx", "--out", out)
+    assert code == 1 and "check failed, nothing written" in stderr
+    assert not [p.name for p in qat_run.iterdir() if "failing" in p.name]
+
+
+def test_executorch_int8_pt2e_from_the_qat_weights(qat_run, toy_data):
+    from executorch.runtime import Runtime
+
+    from engine.metrics import topk_correct
+
+    out = qat_run / "int8.pte"
+    code, stdout, stderr = export(qat_run, qat_run, "--format", "executorch", "--out", out)
+    assert code == 0, stderr
+    x, labels = val_batch(toy_data, 100)
+    ref_acc, _ = eager_int8_acc1(qat_run, x, labels)
+    method = Runtime.get().load_program(str(out)).load_method("forward")
+    logits = torch.cat([method.execute([x[i:i + 1]])[0] for i in range(len(x))])
+    acc = 100.0 * topk_correct(logits, labels, (1,)).item() / len(labels)
+    assert abs(acc - ref_acc) <= 1.0, (acc, ref_acc)
+    info = sidecar(out)
+    assert info["int8"]["flow"] == "PT2E post-training quantization"
+    n_train = sum(1 for _ in (toy_data / "imagenet" / "train").rglob("*.jpg"))
+    assert info["int8"]["calibration_images"] == min(n_train, 4 * 32)  # qat.calibration_batches x data.batch_size
+
+
+# ============================================================================ detection
+
+
+def test_detection_onnx_matches_pytorch_with_0_1_and_many_detections(det_onnx, detector):
+    from deploy.check import match_detections
+
+    _, model, images, counts = detector
+    assert 0 in counts and 1 in counts and max(counts) >= 2, counts  # the construction gives all three
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(det_onnx), providers=["CPUExecutionProvider"])
+    for im, n in zip(images, counts):  # several sizes through one graph (dynamic height, width, detections)
+        with torch.no_grad():
+            ref = model([im])[0]
+        boxes, labels, scores = (torch.from_numpy(a) for a in sess.run(None, {"image": im.numpy()}))
+        got = match_detections(ref, {"boxes": boxes, "labels": labels, "scores": scores}, f"{tuple(im.shape)}")
+        assert got["detections"] == n
+    info = sidecar(det_onnx)
+    assert info["score_threshold"] == 0.05 and info["check"]["images"] == 8
+    assert info["graph"]["exporter"] == "torchscript"
+    assert set(info["category_ids"]) and all(int(k) > 0 for k in info["category_ids"])
+
+
+def test_detection_to_executorch_is_refused_in_one_line(detector):
+    run = detector[0]
+    code, _, stderr = export(run, run, "--format", "executorch")
+    assert code == 2
+    assert stderr.count("\n") == 1 and "does not export" in stderr and "use --format onnx" in stderr
+    assert not (run / "export" / "fasterrcnn_mobilenet_v3_large_fpn.pte").exists()
+
+
+# ============================================================================ segmentation
+
+
+@pytest.fixture(scope="module")
+def seg_onnx(seg_run) -> Path:
+    run = seg_run[0]
+    out = run / "lraspp.onnx"
+    code, stdout, stderr = export(run, run, "--format", "onnx", "--out", out)
+    assert code == 0, stderr
+    assert "mIoU" in stdout
+    return out
+
+
+def test_segmentation_onnx_matches_pytorch_at_any_size(seg_run, seg_onnx):
+    import onnxruntime as ort
+
+    run, model = seg_run
+    out = seg_onnx
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 3, 208, 277), (2, 3, 240, 208)]:
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            ref = model(x)["out"]
+        got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+        assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-3
+    assert sidecar(out)["classes"][0] == "background" and len(sidecar(out)["classes"]) == 21
+
+
+# ============================================================================ a fresh process
+
+
+RELOAD = """
+import sys, torch, onnxruntime as ort
+from executorch.runtime import Runtime
+inputs = torch.load(sys.argv[1])
+outs = {}
+for path, x in inputs.items():
+    if path.endswith(".onnx"):
+        s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        outs[path] = [torch.from_numpy(a) for a in s.run(None, {s.get_inputs()[0].name: x.numpy()})]
+    else:
+        outs[path] = list(Runtime.get().load_program(path).load_method("forward").execute([x]))
+torch.save(outs, sys.argv[2])
+"""
+
+
+def test_every_file_reloads_in_a_fresh_process_with_the_same_outputs(cls_onnx, qat_onnx, qat_run, det_onnx, detector,
+                                                                     seg_onnx, toy_data, tmp_path):
+    import onnxruntime as ort
+
+    x, _ = val_batch(toy_data, 1)
+    one = detector[3].index(1)  # an image with one detection
+    inputs = {str(cls_onnx): x, str(qat_onnx): x, str(det_onnx): detector[2][one],
+              str(seg_onnx): torch.randn(1, 3, 208, 240, generator=torch.Generator().manual_seed(0))}
+    pte = qat_run / "int8.pte"
+    if pte.exists():  # written by the ExecuTorch test
+        inputs[str(pte)] = x
+    torch.save(inputs, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = torch.load(tmp_path / "y.pt")
+    for f, inp in inputs.items():
+        if f.endswith(".onnx"):
+            s = ort.InferenceSession(f, providers=["CPUExecutionProvider"])
+            here = [torch.from_numpy(a) for a in s.run(None, {s.get_inputs()[0].name: inp.numpy()})]
+        else:
+            from executorch.runtime import Runtime
+
+            here = list(Runtime.get().load_program(f).load_method("forward").execute([inp]))
+        assert len(fresh[f]) == len(here) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh[f], here)), f
+    assert len(fresh[str(det_onnx)][0]) == 1
+
+
+# ============================================================================ bad input
+
+
+def test_bad_input_is_one_message_exit_2_and_no_file(toy_backbone, qat_run, seg_run, tmp_path):
+    cls_run = toy_backbone.parents[1]
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((cls_run / "config.yaml").read_text())
+    existing = tmp_path / "exists.onnx"
+    existing.write_text("x")
+    cases = [
+        ([empty, "--format", "onnx"], "a run directory without weights"),
+        ([toy_backbone, "--recipe", seg_run[0] / "config.yaml", "--format", "onnx", "--out", tmp_path / "a.onnx"],
+         "a checkpoint of another recipe"),
+        ([qat_run / "checkpoints" / "last.pt", "--recipe", ROOT / "recipes/toy/classification.yaml", "--format",
+          "onnx", "--out", tmp_path / "b.onnx"], "a checkpoint of another recipe"),
+        ([cls_run, "--format", "tflite"], "unknown format"),
+        ([cls_run, "--format", "onnx", "--out", existing], "exists"),
+        ([cls_run, "--format", "onnx", "--out", tmp_path / "no" / "such" / "dir.onnx"], "does not exist"),
+        ([toy_backbone, "--format", "onnx"], "needs --recipe"),
+    ]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for args, message in cases:
+        code, stdout, stderr = export(tmp_path, *args)
+        assert code == 2, (args, stderr)
+        assert message in stderr and "Traceback" not in stderr, stderr
+        assert stderr.startswith("tools/export.py: ")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert existing.read_text() == "x"
