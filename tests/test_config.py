@@ -193,3 +193,70 @@ def test_print_config_with_a_global_batch_that_cannot_be_met_is_the_run_s_messag
     with pytest.raises(ConfigError) as err:  # what main() raises, and launch() prints with exit 2
         plan_batch(cfg.run, 5, "auto", "none", 1)
     assert printed.stderr.splitlines()[1] == f"  {err.value.problems[0]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sized:
+    size: int | tuple[int, int]     # a union without None: null is not a value it takes
+    eps: Optional[float] = 1.0      # an optional one: null is
+
+
+@dataclasses.dataclass(frozen=True)
+class SizedCfg:
+    sized: Sized
+    run: RunConfig
+
+
+def test_null_for_a_key_that_is_not_optional_is_refused_with_the_other_problems(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("sized: {size: null, eps: null}\nrun: {output_dir: out, seed: null, print_freq: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SizedCfg, p, ["run.unknown=1"])
+    assert sorted(err.value.problems) == sorted([
+        f"{p}: sized.size: expected int or a list of 2 (int, int), got null",
+        f"{p}: run.seed: expected int, got None",
+        "command line: run.unknown: unknown key; valid keys here: " + ", ".join(
+            f.name for f in dataclasses.fields(RunConfig)),
+    ])
+    p.write_text("sized: {size: [3, 4], eps: null}\nrun: {output_dir: out, seed: 1}\n")
+    cfg = load_config(SizedCfg, p, ["sized.size=null", "sized.size=5"])  # the last override wins
+    assert cfg.sized == Sized(size=5, eps=None)
+    with pytest.raises(ConfigError) as err:
+        load_config(SizedCfg, p, ["sized.size=None"])
+    assert err.value.problems == ["command line: sized.size: expected int or a list of 2 (int, int), got null"]
+
+
+@pytest.mark.parametrize("text,kind", [("- optimizer\n- run\n", "list"), ("just text\n", "str"), ("3\n", "int")])
+def test_a_recipe_whose_top_level_is_not_a_mapping_names_the_file(tmp_path, text, kind):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    assert err.value.problems == [f"{p}: expected a mapping of sections at the top, got {kind}"]
+
+
+def test_an_empty_recipe_reports_every_missing_section_key(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    assert sorted(err.value.problems) == sorted(
+        [f"{p}: optimizer.{k}: missing: expected {t} (this field has no default)"
+         for k, t in [("name", "one of 'sgd', 'rmsprop'"), ("lr", "float"), ("weight_decay", "float")]]
+        + [f"{p}: run.{k}: missing: expected {t} (this field has no default)"
+           for k, t in [("output_dir", "str"), ("seed", "int")]])
+
+
+@pytest.mark.parametrize("key,good,bad", [
+    ("global_batch", [1, 2, None], [0, -8]),
+    ("world_size", [1, 64, None], [0, -1]),
+    ("keep_checkpoints", [0, 1, None], [-1]),
+    ("divergence_factor", [1.001, 10.0, None], [1.0, 0.5, 0.0]),
+    ("print_freq", [1, 50], [0, -5]),
+])
+def test_run_section_bounds(key, good, bad):
+    for value in good:
+        assert list(RunConfig(output_dir="o", seed=0, **{key: value}).validate()) == [], (key, value)
+    for value in bad:
+        problems = list(RunConfig(output_dir="o", seed=0, **{key: value}).validate())
+        assert [k for k, _ in problems] == [key] and str(value) in problems[0][1], (key, value)

@@ -57,10 +57,11 @@ class _NoLog(RunLog):
         super().__init__("unused", enabled=False)
 
 
-def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None):
-    cfg = SimpleNamespace(schedule=SimpleNamespace(epochs=epochs),
-                          run=SimpleNamespace(print_freq=1000, divergence_factor=factor, keep_checkpoints=None, seed=0))
-    run = SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None, changes={})
+def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None, print_freq=1000, log=None):
+    cfg = SimpleNamespace(schedule=SimpleNamespace(epochs=epochs), run=SimpleNamespace(
+        print_freq=print_freq, divergence_factor=factor, keep_checkpoints=None, seed=0))
+    run = SimpleNamespace(log=log or _NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None,
+                          changes={})
     schedule = EpochSchedule(ScheduleConfig(epochs=epochs, name="constant"), optimizer)
     return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip)
 
@@ -148,3 +149,41 @@ def test_epoch_batches_skip_resumes_the_same_order():
     assert list(b) == full[2:] and len(b) == 5 and b.total() == 7
     b.set_epoch(5)
     assert list(b) != full  # a new order each epoch
+
+
+def test_epoch_stats_average_the_loss_and_each_logged_part_over_micro_batches(tmp_path):
+    """What detection writes to metrics.jsonl per loss component: the mean over the epoch's micro-batches."""
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = _loop(model, opt, BatchPlan(1, 8, 2, None, "none"), tmp_path)
+    loader = DataLoader(_data(40), batch_sampler=EpochBatches(SequentialSampler(range(40)), 8))
+    parts = [(0.5, 2.0), (1.5, 4.0), (2.5, 0.0), (0.25, 1.0), (0.25, 3.0)]  # 5 micro-batches
+    for (x, _), (a, b) in zip(loop.batches(loader, 0), parts):
+        with loop.forward():
+            loss = model(x).sum() * 0.0 + (a + b)
+        loop.backward(loss, images=len(x), logs={"loss_a": torch.tensor(a), "loss_b": torch.tensor(b)})
+    stats = loop.epoch_stats()
+    assert stats["loss_a"] == pytest.approx(5.0 / 5) and stats["loss_b"] == pytest.approx(10.0 / 5)
+    assert stats["train_loss"] == pytest.approx(15.0 / 5)
+    assert stats["optimizer_steps"] == 3 and stats["lr"] == 0.0  # groups of 2: [2, 2, 1]
+    assert 0.0 <= stats["data_wait"] <= 1.0 and stats["images_per_s"] > 0
+
+
+class _Printing(RunLog):
+    def __init__(self, tmp_path):
+        super().__init__(tmp_path, enabled=True)
+
+
+def test_batch_mode_prints_a_progress_line_every_print_freq_optimizer_steps_and_the_last(tmp_path, capsys):
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    # 44 samples in micro-batches of 4 = 11 micro-batches, groups of 2: 6 optimizer steps
+    loop = _loop(model, opt, BatchPlan(1, 4, 2, None, "none"), tmp_path, print_freq=4, log=_Printing(tmp_path))
+    loader = DataLoader(_data(44), batch_sampler=EpochBatches(SequentialSampler(range(44)), 4))
+    for x, y in loop.batches(loader, 3):
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loop.backward(loss, images=len(x))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" eta ")[0] for line in lines] == ["epoch 3 4/6", "epoch 3 6/6"], lines
+    assert all(" loss " in line and " lr 0 " in line and " img_s " in line for line in lines), lines

@@ -45,3 +45,30 @@ def test_truncate_after_drops_the_torn_line_so_appends_start_on_a_line_of_their_
     log.ensure_row({"epoch": 1, "acc1": 20.5})
     log.ensure_row({"epoch": 1, "acc1": 20.5})  # present: not written twice
     assert read_metrics(tmp_path) == [ROWS[0], ROWS[2]]
+
+
+def test_progress_in_a_batch_job_prints_every_n_steps_and_the_last(capsys):
+    from engine.runlog import Progress
+
+    bar = Progress("epoch 2", total=7, every=3, enabled=True, interactive=False)
+    assert [bar.due(step) for step in range(7)] == [False, False, True, False, False, True, True]
+    for step in range(7):
+        bar.update(step, loss=0.123456)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" eta ")[0] for line in lines] == ["epoch 2 3/7", "epoch 2 6/7", "epoch 2 7/7"]
+    assert lines[-1].endswith("eta 0:00:00 loss 0.1235")
+    quiet = Progress("epoch 2", total=7, every=3, enabled=False, interactive=False)
+    quiet.update(2, loss=1.0)
+    assert not quiet.due(2) and capsys.readouterr().out == ""
+
+
+def test_progress_on_a_terminal_redraws_one_bar_every_step(capsys):
+    from engine.runlog import Progress
+
+    bar = Progress("eval", total=4, every=100, enabled=True, interactive=True)
+    for step in range(4):
+        bar.update(step)
+    out = capsys.readouterr().out
+    assert out.count("\r") == 4 and out.endswith("\n") and out.count("\n") == 1
+    assert "\reval [############............] 2/4 eta" in out
+    assert "\reval [########################] 4/4 eta 0:00:00 \n" in out
