@@ -260,3 +260,13 @@ def test_run_section_bounds(key, good, bad):
     for value in bad:
         problems = list(RunConfig(output_dir="o", seed=0, **{key: value}).validate())
         assert [k for k, _ in problems] == [key] and str(value) in problems[0][1], (key, value)
+
+
+def test_a_list_field_given_a_scalar_and_conflicting_overrides_are_refused(recipe):
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer.milestones=5", "optimizer.betas=0.5"])
+    assert err.value.problems == ["command line: optimizer.milestones: expected a list of int, got 5",
+                                  "command line: optimizer.betas: expected a list of 2 (float, float), got 0.5"]
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer.lr=0.2", "optimizer.lr.x.y=1", "run.seed=3"])
+    assert err.value.problems == ["command line: optimizer.lr.x.y: conflicts with an earlier override"]

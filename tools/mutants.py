@@ -32,12 +32,12 @@ import hashlib
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tokenize
 from dataclasses import dataclass, field
@@ -205,16 +205,27 @@ def make(rel: str, a: int, b: int, repl: str, kind: str) -> Mutant | None:
 
 
 def draw(files: list[str], n: int, seed: int) -> list[Mutant]:
-    candidates = all_mutants(files)
-    random.Random(seed).shuffle(candidates)
+    """The first n compiling mutants in an order given by hashing (seed, file, line text, mutation): editing
+    one part of a module leaves the draw of the rest as it was (a shuffled list would change whole)."""
+    keyed = []
+    for cand in all_mutants(files):
+        rel, a, b, repl, kind = cand
+        text = _texts.setdefault(rel, (ROOT / rel).read_text())
+        line = text[text.rfind("\n", 0, a) + 1:text.find("\n", a) if text.find("\n", a) >= 0 else None].strip()
+        ident = f"{seed}|{rel}|{line}|{text[a:b]}|{repl}|{kind}"
+        keyed.append((hashlib.sha256(ident.encode()).hexdigest(), a, cand))
+    keyed.sort()
     drawn = []
-    for cand in candidates:
+    for _, _, cand in keyed:
         m = make(*cand)
         if m is not None:
             drawn.append(m)
         if len(drawn) == n:
             break
     return drawn
+
+
+_texts: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- equivalents
@@ -305,6 +316,7 @@ def _env(tree: Path) -> dict:
 
 
 _LIVE: set[subprocess.Popen] = set()
+_STOP = threading.Event()
 
 
 def pytest(tree: Path, tests: list[str], timeout: float) -> tuple[str, str]:
@@ -316,6 +328,8 @@ def pytest(tree: Path, tests: list[str], timeout: float) -> tuple[str, str]:
            "-p", "tools.mutants_trace", *tests]
     env = {**_env(tree), "MUTANTS_FAILED_OUT": str(failed)}
     env.pop("MUTANTS_TRACE_FILES", None)
+    if _STOP.is_set():
+        raise RuntimeError("stopped")
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     _LIVE.add(proc)
@@ -384,17 +398,23 @@ def judge_all(todo: list[Mutant], trace: dict, jobs: int) -> None:
         with concurrent.futures.ThreadPoolExecutor(len(trees)) as pool:
             running = {}
             queue = list(todo)
-            while queue or running:
-                while queue and free:
-                    m, tree = queue.pop(0), free.pop()
-                    running[pool.submit(judge, m, tree, trace)] = (m, tree)
-                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for fut in done:
-                    m, tree = running.pop(fut)
-                    fut.result()
-                    free.append(tree)
-                    print(f"{m.verdict.upper():10s} {m.file}:{m.line} [{m.kind}] {m.before}  ->  {m.after}   "
-                          f"({m.detail}; {m.seconds:.0f} s)", flush=True)
+            try:
+                while queue or running:
+                    while queue and free:
+                        m, tree = queue.pop(0), free.pop()
+                        running[pool.submit(judge, m, tree, trace)] = (m, tree)
+                    done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for fut in done:
+                        m, tree = running.pop(fut)
+                        fut.result()
+                        free.append(tree)
+                        print(f"{m.verdict.upper():10s} {m.file}:{m.line} [{m.kind}] {m.before}  ->  {m.after}   "
+                              f"({m.detail}; {m.seconds:.0f} s)", flush=True)
+            except BaseException:  # Ctrl-C, SIGTERM: stop the running tests now, not when they end
+                _STOP.set()
+                for proc in list(_LIVE):
+                    _kill(proc)
+                raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,11 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             todo.append(m)
     trace = trace_map(files, args.jobs)
     t0 = time.perf_counter()
-    try:
-        judge_all(todo, trace, args.jobs)
-    finally:
-        for proc in list(_LIVE):
-            _kill(proc)
+    judge_all(todo, trace, args.jobs)
 
     chosen = [mutants[i - 1] for i in positions]
     for m in chosen:

@@ -1,6 +1,7 @@
 """engine/loop.py in-process: the batch plan, gradient accumulation against one big batch, the short
 last group, the divergence guard and mid-epoch skipping."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -57,9 +58,19 @@ class _NoLog(RunLog):
         super().__init__("unused", enabled=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    schedule: _Schedule
+    run: RunConfig
+
+
 def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None, print_freq=1000, log=None):
-    cfg = SimpleNamespace(schedule=SimpleNamespace(epochs=epochs), run=SimpleNamespace(
-        print_freq=print_freq, divergence_factor=factor, keep_checkpoints=None, seed=0))
+    cfg = _Cfg(_Schedule(epochs), _run_cfg(print_freq=print_freq, divergence_factor=factor))
     run = SimpleNamespace(log=log or _NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None,
                           changes={})
     schedule = EpochSchedule(ScheduleConfig(epochs=epochs, name="constant"), optimizer)
@@ -187,3 +198,89 @@ def test_batch_mode_prints_a_progress_line_every_print_freq_optimizer_steps_and_
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" eta ")[0] for line in lines] == ["epoch 3 4/6", "epoch 3 6/6"], lines
     assert all(" loss " in line and " lr 0 " in line and " img_s " in line for line in lines), lines
+
+
+def _constant_losses(loop, model, n, micro, values, logs=None):
+    """Feed `values` as the micro-batches' losses (a loss with no gradient: the model does not move)."""
+    loader = DataLoader(_data(n), batch_sampler=EpochBatches(SequentialSampler(range(n)), micro))
+    for (x, _), v in zip(loop.batches(loader, loop.start_epoch), values):
+        with loop.forward():
+            loss = model(x).sum() * 0.0 + v
+        loop.backward(loss, images=len(x))
+
+
+def test_the_starting_loss_is_the_mean_of_the_first_group_and_the_guard_says_what_is_kept(tmp_path):
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = _loop(model, opt, BatchPlan(1, 4, 3, None, "none"), tmp_path, factor=4.0)
+    with pytest.raises(Diverged) as err:  # groups of 3: means 2, 3, then 9 > 4 x 2
+        _constant_losses(loop, model, 40, 4, [1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 9.0, 9.0, 9.0, 1.0])
+    assert loop.loss_reference == pytest.approx(2.0)
+    assert (loop.step, loop.micro) == (3, 9)  # stopped at the bad step, not at the end of the epoch
+    assert "above 4 x the starting loss 2 (run.divergence_factor) at epoch 0, step 2" in str(err.value)
+    assert "(no checkpoint was written yet)" in str(err.value)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, factor=None)
+    with pytest.raises(Diverged) as err:
+        _constant_losses(loop, model, 40, 4, [1.0, float("nan")])
+    assert f"training loss is not finite at epoch 0, step 1: stopping (the last good checkpoint " \
+           f"{tmp_path / 'checkpoints' / 'last.pt'} is intact)" in str(err.value)
+
+
+class _Rows(RunLog):
+    """metrics.jsonl and the console; TensorBoard's scalars are kept in a list."""
+
+    def __init__(self, tmp_path):
+        super().__init__(tmp_path, enabled=True)
+        self.tb = []
+
+    def scalars(self, step, values, prefix=""):
+        self.tb.append((step, prefix, values))
+
+
+def test_resume_writes_the_row_of_an_epoch_whose_checkpoint_was_saved_but_not_its_row(tmp_path, capsys):
+    from engine import checkpoint
+    from engine.runlog import read_metrics
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
+    _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+    loop.end_epoch(0, {"acc1": 12.5, "note": "text"}, loop.epoch_stats())
+    rows = read_metrics(tmp_path)
+    assert [(r["epoch"], r["acc1"], r["train_loss"]) for r in rows] == [(0, 12.5, 1.5)]
+    [(step, prefix, scalars)] = loop.log.tb  # the row's numbers, by epoch
+    assert (step, prefix) == (0, "") and {k: v for k, v in rows[0].items() if k not in ("epoch", "note")} == scalars
+    (tmp_path / "metrics.jsonl").unlink()  # the process stopped after the checkpoint, before the row
+    for _ in range(2):  # a second resume finds the row and does not write it again
+        again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                      tmp_path, epochs=3, log=_Rows(tmp_path))
+        again.run.state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+        again.run.resume_path = tmp_path / "checkpoints" / "last.pt"
+        capsys.readouterr()
+        again.resume()
+        assert (again.start_epoch, again.start_micro) == (1, 0) and read_metrics(tmp_path) == rows
+        assert capsys.readouterr().out == (f"resumed from {tmp_path / 'checkpoints' / 'last.pt'} (epoch 0 done); "
+                                           "continuing at epoch 1\n")
+
+
+def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
+    import signal
+
+    from engine import checkpoint
+    from engine.errors import Preempted
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # not a batch job: nothing to requeue
+    loop.start_epoch = 2
+    _constant_losses(loop, model, 40, 4, [1.0, 1.0, 1.0])
+    with pytest.raises(Preempted) as err:
+        loop._stop(signal.SIGUSR1)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["position"] == {"epoch": 2, "micro": 3}
+    assert not list((tmp_path / "checkpoints").glob("epoch_*.pt"))  # mid-epoch: last.pt only
+    assert err.value.code == 128 + signal.SIGUSR1 and err.value.message == (f"stopped by SIGUSR1 at epoch 2, optimizer step 3/10: {tmp_path / 'checkpoints' / 'last.pt'}"
+                              " written; the same command resumes exactly")

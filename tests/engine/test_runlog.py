@@ -72,3 +72,31 @@ def test_progress_on_a_terminal_redraws_one_bar_every_step(capsys):
     assert out.count("\r") == 4 and out.endswith("\n") and out.count("\n") == 1
     assert "\reval [############............] 2/4 eta" in out
     assert "\reval [########################] 4/4 eta 0:00:00 \n" in out
+
+
+def test_environment_names_the_git_commit_or_none():
+    """A checkout names its commit (40 hex digits); a tree without git history (an sdist, a copy) says None."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    from engine.runlog import environment
+
+    env = environment(3, torch.device("cpu"))
+    assert env["world_size"] == 3 and env["device"] == "cpu" and env["torch"] == torch.__version__
+    here = Path(__file__).resolve().parent
+    in_git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=here, capture_output=True,
+                            text=True).stdout.strip() == "true"
+    if in_git:
+        assert re.fullmatch(r"[0-9a-f]{40}", env["git_commit"]), env["git_commit"]
+    else:
+        assert env["git_commit"] is None
+
+
+def test_closing_a_log_that_never_wrote_tensorboard_does_nothing(tmp_path):
+    log = RunLog(tmp_path, enabled=True)
+    log.close()
+    log.close()
+    assert list(tmp_path.iterdir()) == []
