@@ -270,3 +270,20 @@ def test_a_list_field_given_a_scalar_and_conflicting_overrides_are_refused(recip
     with pytest.raises(ConfigError) as err:
         load_config(Cfg, recipe, ["optimizer.lr=0.2", "optimizer.lr.x.y=1", "run.seed=3"])
     assert err.value.problems == ["command line: optimizer.lr.x.y: conflicts with an earlier override"]
+
+
+@pytest.mark.parametrize("script", ["train_classification", "train_detection", "train_segmentation", "train_qat"])
+def test_every_section_of_every_script_config_is_frozen(script):
+    """Nothing writes back into the config (DESIGN rule 1): each section is a frozen dataclass."""
+    import importlib
+    import typing
+
+    def sections(cls):
+        yield cls
+        for tp in typing.get_type_hints(cls).values():
+            if dataclasses.is_dataclass(tp):
+                yield from sections(tp)
+
+    found = list(sections(importlib.import_module(script).Config))
+    assert len(found) >= 5 and RunConfig in found
+    assert [c.__name__ for c in found if not c.__dataclass_params__.frozen] == []

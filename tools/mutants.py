@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import tokenize
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,13 +208,14 @@ def make(rel: str, a: int, b: int, repl: str, kind: str) -> Mutant | None:
 def draw(files: list[str], n: int, seed: int) -> list[Mutant]:
     """The first n compiling mutants in an order given by hashing (seed, file, line text, mutation): editing
     one part of a module leaves the draw of the rest as it was (a shuffled list would change whole)."""
-    keyed = []
+    keyed, seen = [], Counter()
     for cand in all_mutants(files):
         rel, a, b, repl, kind = cand
         text = _texts.setdefault(rel, (ROOT / rel).read_text())
         line = text[text.rfind("\n", 0, a) + 1:text.find("\n", a) if text.find("\n", a) >= 0 else None].strip()
-        ident = f"{seed}|{rel}|{line}|{text[a:b]}|{repl}|{kind}"
-        keyed.append((hashlib.sha256(ident.encode()).hexdigest(), a, cand))
+        ident = f"{rel}|{line}|{text[a:b]}|{repl}|{kind}"
+        seen[ident] += 1  # the same mutation of the same line text elsewhere in the file: its n-th occurrence
+        keyed.append((hashlib.sha256(f"{seed}|{ident}|{seen[ident]}".encode()).hexdigest(), a, cand))
     keyed.sort()
     drawn = []
     for _, _, cand in keyed:

@@ -80,3 +80,38 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path, umask):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.json": 0o666 & ~umask, "b.pt": 0o666 & ~umask, "plain": 0o666 & ~umask}
+
+
+def test_the_umask_is_read_without_proc_too_and_left_as_it_was(monkeypatch):
+    """Where /proc/self/status is missing (macOS), the umask is read by setting it and putting it back."""
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", no_proc, raising=False)
+    old = os.umask(0o027)
+    try:
+        assert checkpoint.file_mode() == 0o640
+        assert os.umask(0o027) == 0o027  # still the process's umask
+    finally:
+        os.umask(old)
+
+
+def test_state_digest_covers_names_dtypes_shapes_and_bytes(tmp_path):
+    state = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.zeros(3)}
+    digest = checkpoint.state_sha256(state)
+    assert len(digest) == 64 and checkpoint.state_sha256({k: v.clone() for k, v in state.items()}) == digest
+    checkpoint.save(checkpoint.new(state), tmp_path / "s.pt")
+    assert checkpoint.state_sha256(checkpoint.load(tmp_path / "s.pt")["model"]) == digest
+    variants = [
+        {"b.weight": state["a.weight"], "a.bias": state["a.bias"]},            # a name
+        {"a.weight": state["a.weight"].reshape(3, 2), "a.bias": state["a.bias"]},  # a shape
+        {"a.weight": state["a.weight"].view(torch.int32), "a.bias": state["a.bias"]},  # a dtype, same bytes
+        {"a.weight": state["a.weight"] + 1, "a.bias": state["a.bias"]},         # the values
+        {"a.weight": state["a.weight"], "a.bias": torch.zeros(0)},              # an empty tensor
+    ]
+    digests = {checkpoint.state_sha256(v) for v in variants}
+    assert len(digests) == len(variants) and digest not in digests

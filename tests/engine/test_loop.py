@@ -29,6 +29,22 @@ def test_plan_auto_meets_the_recipe_global_batch():
     assert (p.accumulate, p.global_batch, p.lr_scale) == (16, 1024, 1.0)
 
 
+def test_plan_summary_and_description_in_whole_numbers():
+    p = plan_batch(_run_cfg(global_batch=1024, world_size=8), 128, "auto", "none", 2)
+    assert p.summary(0.1) == ("global batch 1024 = 2 processes x 128 images x 4 accumulation steps "
+                              "(the recipe's, tuned on 8 processes)")
+    assert p.describe() == {"processes": 2, "batch_per_process": 128, "accumulate": 4, "global_batch": 1024,
+                            "recipe_global_batch": 1024, "lr_scaling": "none", "lr_scale": 1.0}
+    assert type(p.accumulate) is int and type(p.global_batch) is int
+    free = plan_batch(_run_cfg(), 32, "auto", "linear", 1)  # no global batch in the recipe: no accumulation
+    assert free.summary(0.1) == "global batch 32 = 1 processes x 32 images x 1 accumulation steps"
+    assert (free.accumulate, free.lr_scale) == (1, 1.0)
+    fixed = plan_batch(_run_cfg(global_batch=64), 16, 2, "linear", 1)  # 32 of 64: half the LR
+    assert fixed.summary(0.1) == ("warning: global batch 32 = 1 processes x 16 images x 2 accumulation steps, but the "
+                                  "recipe was tuned for a global batch of 64 on an unstated process count; lr scaled "
+                                  "linearly: 0.1 x 0.5 = 0.05: results will differ from the published ones")
+
+
 def test_plan_that_cannot_meet_the_global_batch_says_what_would():
     with pytest.raises(ConfigError) as err:
         plan_batch(_run_cfg(global_batch=1024), 96, "auto", "none", 1)
@@ -226,6 +242,9 @@ def test_the_starting_loss_is_the_mean_of_the_first_group_and_the_guard_says_wha
         _constant_losses(loop, model, 40, 4, [1.0, float("nan")])
     assert f"training loss is not finite at epoch 0, step 1: stopping (the last good checkpoint " \
            f"{tmp_path / 'checkpoints' / 'last.pt'} is intact)" in str(err.value)
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, factor=None)
+    with pytest.raises(Diverged, match="not finite at epoch 0, step 0:"):  # the very first step
+        _constant_losses(loop, model, 40, 4, [float("inf")])
 
 
 class _Rows(RunLog):
@@ -261,6 +280,7 @@ def test_resume_writes_the_row_of_an_epoch_whose_checkpoint_was_saved_but_not_it
         capsys.readouterr()
         again.resume()
         assert (again.start_epoch, again.start_micro) == (1, 0) and read_metrics(tmp_path) == rows
+        assert again.global_step == 2 and again.history == [{"epoch": 0, "acc1": 12.5, "note": "text"}]
         assert capsys.readouterr().out == (f"resumed from {tmp_path / 'checkpoints' / 'last.pt'} (epoch 0 done); "
                                            "continuing at epoch 1\n")
 

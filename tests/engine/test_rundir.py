@@ -179,3 +179,39 @@ def test_diff_names_nested_added_and_removed_keys():
     old = {"a": 1, "s": {"b": [1, 2], "c": 3}, "gone": 0}
     new = {"a": 1, "s": {"b": (1, 2), "c": 4}, "added": {"x": 1}}
     assert rundir._diff(old, new) == {"s.c": (3, 4), "added": (None, {"x": 1}), "gone": (0, None)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    acc1: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalCfg:
+    run: RunConfig
+    expected: Expected
+
+
+def test_an_evaluation_writes_eval_json_config_env_and_the_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = EvalCfg(RunConfig(output_dir=str(out), seed=0, eval_only=True), Expected(acc1=75.2))
+    written = []
+
+    def report(run_dir):
+        written.append(run_dir)
+        return run_dir / "report.md"
+
+    run = rundir.open_run(cfg, DistState(), report=report)
+    try:
+        run.write_eval({"weights": "w.pt", "metrics": {"acc1": 74.9}})
+    finally:
+        run.release()
+    assert json.loads((out / "eval.json").read_text()) == {"weights": "w.pt", "metrics": {"acc1": 74.9},
+                                                          "expected": {"acc1": 75.2}}
+    assert (out / "eval.json").read_text().endswith("}\n")
+    assert load_config(EvalCfg, out / "config.yaml") == cfg and json.loads((out / "env.json").read_text())["world_size"] == 1
+    assert written == [out] and capsys.readouterr().out == f"report: {out / 'report.md'}\n"
+    quiet = rundir.Run(cfg, DistState(rank=1, world_size=2), out, None, None, None, {}, [])
+    quiet.report = report
+    quiet.write_report()  # another rank writes no report
+    assert written == [out]
