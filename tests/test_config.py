@@ -287,3 +287,15 @@ def test_every_section_of_every_script_config_is_frozen(script):
     found = list(sections(importlib.import_module(script).Config))
     assert len(found) >= 5 and RunConfig in found
     assert [c.__name__ for c in found if not c.__dataclass_params__.frozen] == []
+
+
+def test_the_cli_counts_problems_in_words(recipe, capsys):
+    from engine.config import cli
+
+    for overrides, head in [(["run.seed=x"], "t: 1 problem with the configuration:"),
+                            (["run.seed=x", "optimizer.lr=y"], "t: 2 problems with the configuration:")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli(Cfg, ["--recipe", str(recipe), *overrides], prog="t")
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and err[0] == head and len(err) == len(overrides) + 2
+        assert err[-1] == "usage: t --recipe PATH [--print-config] [--check-data] [section.key=value ...]"

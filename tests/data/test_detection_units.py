@@ -26,3 +26,76 @@ def test_data_section_bounds():
     assert problems(hflip=1.5) == ["hflip"] and problems(hflip=-0.1) == ["hflip"]
     assert problems(aspect_ratio_group_factor=-2) == ["aspect_ratio_group_factor"]
     assert problems(box_margin=-0.5) == ["box_margin"]
+
+
+def test_model_output_becomes_xywh_rows_in_the_model_s_order():
+    import torch
+
+    from data.detection import detection_rows
+
+    out = {"boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.5, 1.5, 2.5, 4.5]]),
+           "scores": torch.tensor([0.75, 0.25]), "labels": torch.tensor([3, 18])}
+    assert detection_rows(5, out).tolist() == [[5, 10.0, 20.0, 30.0, 40.0, 0.75, 3],
+                                              [5, 0.5, 1.5, 2.0, 3.0, 0.25, 18]]
+
+
+def test_rows_of_every_rank_are_gathered_on_rank_0_sorted_stably_by_image(monkeypatch):
+    import torch
+
+    from data.detection import gather_rows
+
+    mine = [np.array([[3, 0, 0, 1, 1, 0.9, 1], [1, 0, 0, 1, 1, 0.8, 1]]), np.array([[1, 5, 5, 1, 1, 0.7, 2]])]
+    assert gather_rows(mine, 1)[:, [0, 1, 5]].tolist() == [[1, 0, 0.8], [1, 5, 0.7], [3, 0, 0.9]]
+    assert gather_rows([], 1).shape == (0, 7)
+    other = np.array([[2, 9, 9, 1, 1, 0.6, 4], [1, 7, 7, 1, 1, 0.5, 4]])
+    sent = []
+
+    def gather_object(obj, parts, dst):  # what torch.distributed does with two ranks, this one and another
+        sent.append((obj, dst))
+        if parts is not None:
+            parts[:] = [obj, other]
+
+    monkeypatch.setattr(torch.distributed, "gather_object", gather_object)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    rows = gather_rows(mine, 2)
+    assert rows[:, [0, 1]].tolist() == [[1, 0], [1, 5], [1, 7], [2, 9], [3, 0]] and sent[-1][1] == 0
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert gather_rows(mine, 2) is None and sent[-1][0].shape == (3, 7)
+
+
+def test_bbox_metrics_in_percent_with_no_data_as_null():
+    from data.detection import bbox_metrics
+
+    stats = [0.5, 0.75, 0.0, -1.0, 0.25, 0.125, 0.3, 0.4, 0.5, -1.0, 0.2, 0.1]
+    m = bbox_metrics(stats)
+    assert m == {"bbox_map": 50.0, "bbox_AP50": 75.0, "bbox_AP75": 0.0, "bbox_APs": None, "bbox_APm": 25.0,
+                 "bbox_APl": 12.5, "bbox_stats": [0.5, 0.75, 0.0, None, 0.25, 0.125, 0.3, 0.4, 0.5, None, 0.2, 0.1]}
+
+
+def _coco(tmp_path, boxes, w=100, h=80):
+    import json
+
+    doc = {"images": [{"id": 7, "file_name": "a.jpg", "height": h, "width": w}],
+           "categories": [{"id": 1, "name": "person"}],
+           "annotations": [{"id": i, "image_id": 7, "category_id": 1, "bbox": b} for i, b in enumerate(boxes, 1)]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_boxes_within_the_margin_are_clamped_and_one_past_any_edge_is_named(tmp_path):
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    # a 100 x 80 image, margin 2 px: each box reaches 2 px past one edge (accepted, clamped to the image)
+    inside = [[-2, 10, 20, 20], [10, -2, 20, 20], [82, 10, 20, 20], [10, 62, 20, 20]]
+    ann = read_annotations(_coco(tmp_path, inside), box_margin=2.0)
+    assert ann.boxes[0].tolist() == [[0, 10, 18, 30], [10, 0, 30, 18], [82, 10, 100, 30], [10, 62, 30, 80]]
+    for i, box in enumerate([[-2.5, 10, 20, 20], [10, -2.5, 20, 20], [82.5, 10, 20, 20], [10, 62.5, 20, 20]]):
+        with pytest.raises(DataError) as err:
+            read_annotations(_coco(tmp_path, [[0, 0, 5, 5], box]), box_margin=2.0)
+        assert str(err.value) == (f"{tmp_path / 'instances.json'}: 1 bad annotation:\n  annotation 2: bbox [x, y, w, h] "
+                                  f"= {[float(v) for v in box]} lies outside its image 7 (100 x 80 px) by more than "
+                                  "data.box_margin 2 px"), i

@@ -100,3 +100,22 @@ def test_closing_a_log_that_never_wrote_tensorboard_does_nothing(tmp_path):
     log.close()
     log.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_improving_epochs_skip_ties_rows_without_the_metric_and_recipe_change_rows():
+    from engine.runlog import improved
+
+    history = [{"epoch": 3, "acc1": 3.0}, {"epoch": 0, "acc1": 1.0}, {"epoch": 1},
+               {"row": "recipe change", "epoch": 1, "acc1": 99.0}, {"epoch": 2, "acc1": 3.0},
+               {"epoch": 4, "acc1": 2.0}, {"epoch": 5, "acc1": 3.5}]
+    assert [r["epoch"] for r in improved(history, "acc1")] == [0, 2, 5]
+    assert [r["epoch"] for r in improved(history, "acc1", mode="min")] == [0]
+    assert improved([], "acc1") == []
+
+
+def test_metrics_rows_create_the_directory(tmp_path):
+    log = RunLog(tmp_path / "new" / "run", enabled=True)
+    log.metrics({"epoch": 0, "acc1": 1.5})
+    assert read_metrics(tmp_path / "new" / "run") == [{"epoch": 0, "acc1": 1.5}]
+    RunLog(tmp_path / "off", enabled=False).metrics({"epoch": 0})
+    assert not (tmp_path / "off").exists()
