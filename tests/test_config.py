@@ -299,3 +299,12 @@ def test_the_cli_counts_problems_in_words(recipe, capsys):
         err = capsys.readouterr().err.splitlines()
         assert exit_.value.code == 2 and err[0] == head and len(err) == len(overrides) + 2
         assert err[-1] == "usage: t --recipe PATH [--print-config] [--check-data] [section.key=value ...]"
+
+
+def test_config_yaml_has_sections_as_blocks_and_lists_inline(recipe):
+    cfg = load_config(Cfg, recipe, ["optimizer.eps=0.5"])
+    assert dump_config(cfg) == (
+        "optimizer:\n  name: sgd\n  lr: 0.1\n  weight_decay: 0.0001\n  betas: [0.9, 0.999]\n  milestones: [16, 22]\n"
+        "  nesterov: false\n  eps: 0.5\nrun:\n  output_dir: out\n  seed: 0\n  device: auto\n  resume: null\n"
+        "  eval_only: false\n  keep_checkpoints: null\n  print_freq: 50\n  world_size: null\n  global_batch: null\n"
+        "  allow_changes: false\n  check_data: false\n  divergence_factor: 10.0\n")

@@ -115,3 +115,15 @@ def test_state_digest_covers_names_dtypes_shapes_and_bytes(tmp_path):
     ]
     digests = {checkpoint.state_sha256(v) for v in variants}
     assert len(digests) == len(variants) and digest not in digests
+
+
+def test_prune_keeps_the_newest_epoch_files(tmp_path):
+    names = [f"epoch_{e:03d}.pt" for e in (0, 1, 2, 10, 11)] + ["last.pt"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    checkpoint.prune(tmp_path, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    checkpoint.prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_010.pt", "epoch_011.pt", "last.pt"]
+    checkpoint.prune(tmp_path, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -271,6 +271,9 @@ def test_resume_writes_the_row_of_an_epoch_whose_checkpoint_was_saved_but_not_it
     assert [(r["epoch"], r["acc1"], r["train_loss"]) for r in rows] == [(0, 12.5, 1.5)]
     [(step, prefix, scalars)] = loop.log.tb  # the row's numbers, by epoch
     assert (step, prefix) == (0, "") and {k: v for k, v in rows[0].items() if k not in ("epoch", "note")} == scalars
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000.pt", "last.pt"]
+    assert (ckpt / "epoch_000.pt").read_bytes() == (ckpt / "last.pt").read_bytes()
     (tmp_path / "metrics.jsonl").unlink()  # the process stopped after the checkpoint, before the row
     for _ in range(2):  # a second resume finds the row and does not write it again
         again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),

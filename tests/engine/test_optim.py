@@ -200,3 +200,13 @@ def test_two_groups_split_weights_from_norms_and_biases_by_name():
     assert (decay["weight_decay"], norm["weight_decay"]) == (1e-4, 0.0)
     [one] = param_groups(m, 1e-4, None)
     assert len(one["params"]) == 6 and one["weight_decay"] == 1e-4
+
+
+def test_eps_given_as_pytorch_s_goes_inside_timm_s_root_squared():
+    """PyTorch's RMSprop adds eps outside the square root, TF's (timm's RMSpropTF) inside: sqrt(v) + e ~ sqrt(v + e^2)."""
+    def eps(**kw):
+        return OptimizerConfig(lr=0.01, weight_decay=0.0, momentum=0.9, **kw).torch_eps()
+
+    assert eps(name="rmsprop_tf", alpha=0.9, eps=1e-3) == pytest.approx(1e-6, rel=1e-12)
+    assert eps(name="rmsprop", alpha=0.9, eps=1e-3) == 1e-3
+    assert eps(name="adamw") == 1e-8 and eps(name="adamw", eps=1e-6) == 1e-6

@@ -119,3 +119,21 @@ def test_metrics_rows_create_the_directory(tmp_path):
     assert read_metrics(tmp_path / "new" / "run") == [{"epoch": 0, "acc1": 1.5}]
     RunLog(tmp_path / "off", enabled=False).metrics({"epoch": 0})
     assert not (tmp_path / "off").exists()
+
+
+def test_images_and_scalars_go_to_tensorboard_event_files(tmp_path):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLog(tmp_path, enabled=True)
+    log.scalars(2, {"acc1": 12.5, "skipped": None}, prefix="val/")
+    log.images(2, {"pred": torch.full((3, 4, 5), 200, dtype=torch.uint8)})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["val/acc1"] and events.Tags()["images"] == ["pred"]
+    assert [(e.step, e.value) for e in events.Scalars("val/acc1")] == [(2, 12.5)]
+    [img] = events.Images("pred")
+    assert (img.step, img.width, img.height) == (2, 5, 4)
+    RunLog(tmp_path / "off", enabled=False).images(0, {"pred": torch.zeros(3, 2, 2, dtype=torch.uint8)})
+    assert not (tmp_path / "off").exists()
