@@ -7,20 +7,24 @@
 How a mutant is judged (docs/mutants.md says more):
 1. One traced run of the unit-test set (TESTS below; cached in .mutants/ until a module or test changes)
    records which tests run which line of the modules.
-2. The seeded draw takes mutants one by one from all the one-token mutants of the modules (comparison,
-   arithmetic and boolean operators, `not` removed or added, numbers, True/False, break/continue, a call
-   statement dropped); one that does not compile is skipped and the next is drawn.
-3. Two at a time, each in its own copy of the tree under /tmp, the tests that run the mutated line (all the
-   module's tests for a line run at import) are run with `-x`, fastest first, under a timeout of 3x their
-   traced time (a timeout counts as killed). The first failing test is re-run alone with the mutant and
-   without it: a kill only if it fails with and passes without (errors count like failures).
+2. The seeded draw orders all the one-token mutants of the modules (comparison, arithmetic and boolean
+   operators, `not` removed or added, numbers, True/False, break/continue, a call statement dropped) by a
+   hash of (seed, file, line text, mutation), so an edit elsewhere leaves the draw as it was, and takes the
+   first N that compile (one that does not is skipped and the next drawn).
+3. Two at a time, each in its own copy of the tree under /tmp, the tests that run the mutated line (every
+   test of the module for a line run at import) are run with `-x`, fastest first, under a timeout of 3x their
+   traced time + 30 s (a timeout counts as killed). The first failing test is re-run alone with the mutant
+   (unless it ran first, i.e. alone already) and without it: a kill only if it fails with the mutant and
+   passes without (errors count like failures).
 4. A mutant listed in tools/mutants_equivalents.txt (file, line, mutated line, reason) is reported as
    equivalent and not run. The score is killed / (drawn - equivalent).
 
-Why not mutmut 3 or cosmic-ray: both mutate every module first (mutmut rewrites the tree with trampolines,
-cosmic-ray builds a session database of every mutant) and judge mutants by whole-suite or whole-module runs;
-neither draws a seeded random sample of N, runs tests by the line they cover without coverage.py plumbing,
-or re-runs the failing test alone with and without the mutant. What is needed here is ~300 lines of `ast`.
+Why not mutmut 3 or cosmic-ray (judged from their documentation; neither was installed): mutmut 3 rewrites
+every module with trampolines and first runs the whole suite to map tests to functions, cosmic-ray builds a
+session database of every mutant of the modules and runs a test command per mutant. Neither draws a seeded
+sample of N mutants, selects tests by the mutated line, or confirms a kill by re-running the failing test
+alone with and without the mutant; on 2 shared cores the whole-suite steps alone cost more than a sample of
+40. The mutation operators are a few lines of `ast` and `tokenize`, so the tool is our own (DESIGN rule 10).
 """
 
 from __future__ import annotations
@@ -261,11 +265,12 @@ def _fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def trace_map(modules: list[str], jobs: int) -> dict:
+def trace_map(modules: list[str]) -> dict:
     """The traced run of TESTS (cached until a module, test file or this tool changes)."""
-    watched = sorted({str(p.relative_to(ROOT)) for p in ROOT.glob("engine/*.py")} | {str(p.relative_to(ROOT)) for p in ROOT.glob("data/*.py")} | set(modules))
+    watched = sorted({str(p.relative_to(ROOT)) for p in [*ROOT.glob("engine/*.py"), *ROOT.glob("data/*.py")]}
+                     | set(modules))
     test_files = [p for t in TESTS for p in ([ROOT / t] if t.endswith(".py") else (ROOT / t).rglob("*.py"))]
-    key = _fingerprint([ROOT / m for m in watched] + test_files + [Path(__file__), ROOT / "tools/mutants_trace.py"])
+    key = _fingerprint([ROOT / m for m in watched] + test_files + [ROOT / "tools/mutants_trace.py"])
     cache = CACHE / f"trace-{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -452,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             m.verdict, m.detail = "equivalent", equivalents[m.key]
         else:
             todo.append(m)
-    trace = trace_map(files, args.jobs)
+    trace = trace_map(files)
     t0 = time.perf_counter()
     judge_all(todo, trace, args.jobs)
 

@@ -79,7 +79,9 @@ def test_srun_tasks_need_a_master_address_and_get_a_default_port(env, groups, mo
 
 
 def test_srun_with_one_task_is_a_plain_process(env, groups):
-    env(SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_LOCALID=0)
+    env(SLURM_PROCID=0, SLURM_LOCALID=0)  # no SLURM_NTASKS: one task
+    assert distributed.init("cpu").world_size == 1 and launch_world_size() == 1 and groups == []
+    env(SLURM_NTASKS=1)
     assert distributed.init("cpu").world_size == 1 and launch_world_size() == 1 and groups == []
 
 

@@ -305,5 +305,6 @@ def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["position"] == {"epoch": 2, "micro": 3}
     assert not list((tmp_path / "checkpoints").glob("epoch_*.pt"))  # mid-epoch: last.pt only
-    assert err.value.code == 128 + signal.SIGUSR1 and err.value.message == (f"stopped by SIGUSR1 at epoch 2, optimizer step 3/10: {tmp_path / 'checkpoints' / 'last.pt'}"
-                              " written; the same command resumes exactly")
+    assert err.value.code == 128 + signal.SIGUSR1
+    assert err.value.message == (f"stopped by SIGUSR1 at epoch 2, optimizer step 3/10: "
+                                 f"{tmp_path / 'checkpoints' / 'last.pt'} written; the same command resumes exactly")
