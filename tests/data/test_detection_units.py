@@ -26,6 +26,13 @@ def test_data_section_bounds():
     assert problems(hflip=1.5) == ["hflip"] and problems(hflip=-0.1) == ["hflip"]
     assert problems(aspect_ratio_group_factor=-2) == ["aspect_ratio_group_factor"]
     assert problems(box_margin=-0.5) == ["box_margin"]
+    import dataclasses
+
+    import pytest
+
+    cfg = DetectionDataConfig(root="r", batch_size=1, workers=0, hflip=0.0, aspect_ratio_group_factor=-1)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # nothing writes back into the config
+        cfg.batch_size = 2
 
 
 def test_model_output_becomes_xywh_rows_in_the_model_s_order():

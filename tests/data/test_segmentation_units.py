@@ -29,3 +29,14 @@ def test_mask_cache_goes_to_the_xdg_cache_or_home_unless_given(monkeypatch, tmp_
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert _data().cache_dir() == tmp_path / "home" / ".cache" / "mbv3-recipes" / "coco-voc-masks"
     assert isinstance(_data().cache_dir(), Path)
+
+
+def test_the_data_section_is_frozen():
+    import dataclasses
+
+    import pytest
+
+    cfg = _data()
+    assert list(cfg.validate()) == []
+    with pytest.raises(dataclasses.FrozenInstanceError):  # nothing writes back into the config
+        cfg.batch_size = 2

@@ -126,8 +126,8 @@ def test_images_and_scalars_go_to_tensorboard_event_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = RunLog(tmp_path, enabled=True)
-    log.scalars(2, {"acc1": 12.5, "skipped": None}, prefix="val/")
     log.images(2, {"pred": torch.full((3, 4, 5), 200, dtype=torch.uint8)})
+    log.scalars(2, {"acc1": 12.5, "skipped": None}, prefix="val/")
     log.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
