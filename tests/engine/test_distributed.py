@@ -2,6 +2,8 @@
 by (torchrun, srun or none), read from the environment as torchrun and SLURM document it, and the process
 group each asks for. No process group is created: init_process_group is replaced by a recorder."""
 
+import os
+
 import pytest
 import torch
 
@@ -15,8 +17,9 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS
 
 @pytest.fixture
 def env(monkeypatch):
-    for name in LAUNCH_VARS:
-        monkeypatch.delenv(name, raising=False)
+    for name in LAUNCH_VARS:  # set, then delete: monkeypatch restores each as it was, even one the code sets
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
 
     def set_(**values):
         for k, v in values.items():
@@ -70,8 +73,6 @@ def test_srun_tasks_need_a_master_address_and_get_a_default_port(env, groups, mo
     env(MASTER_ADDR="node1")
     state = distributed.init("cpu")
     assert (state.rank, state.world_size, state.local_rank) == (2, 4, 1)
-    import os
-
     assert os.environ["MASTER_PORT"] == "29500" and launch_world_size() == 4
     env(MASTER_PORT=1234)
     distributed.init("cpu")
