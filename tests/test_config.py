@@ -308,3 +308,11 @@ def test_config_yaml_has_sections_as_blocks_and_lists_inline(recipe):
         "  nesterov: false\n  eps: 0.5\nrun:\n  output_dir: out\n  seed: 0\n  device: auto\n  resume: null\n"
         "  eval_only: false\n  keep_checkpoints: null\n  print_freq: 50\n  world_size: null\n  global_batch: null\n"
         "  allow_changes: false\n  check_data: false\n  divergence_factor: 10.0\n")
+
+
+def test_check_data_flag_and_overrides_on_the_cli(recipe):
+    from engine.config import cli
+
+    cfg = cli(Cfg, ["--recipe", str(recipe), "--check-data", "run.seed=5"], prog="t")
+    assert cfg.run.check_data is True and cfg.run.seed == 5
+    assert cli(Cfg, [f"--recipe={recipe}"], prog="t").run.check_data is False

@@ -106,3 +106,47 @@ def test_boxes_within_the_margin_are_clamped_and_one_past_any_edge_is_named(tmp_
         assert str(err.value) == (f"{tmp_path / 'instances.json'}: 1 bad annotation:\n  annotation 2: bbox [x, y, w, h] "
                                   f"= {[float(v) for v in box]} lies outside its image 7 (100 x 80 px) by more than "
                                   "data.box_margin 2 px"), i
+
+
+def test_degenerate_boxes_are_accepted_negative_sizes_and_repeated_images_are_named(tmp_path):
+    import json
+
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    ann = read_annotations(_coco(tmp_path, [[10, 10, 5, 0], [10, 10, 0, 5], [1, 1, 3, 2]]))  # zero width/height
+    assert ann.boxes[0].tolist() == [[1, 1, 4, 3]]  # the degenerate ones are dropped, not an error
+    with pytest.raises(DataError, match=r"annotation 1: bbox \[10.0, 10.0, 5.0, -1.0\] is not \[x, y, width >= 0"):
+        read_annotations(_coco(tmp_path, [[10, 10, 5, -1]]))
+    path = _coco(tmp_path, [])
+    doc = json.loads(path.read_text())
+    image = doc["images"][0]
+    for ids, message in [([7, 7], "lists image id 7 more than once"), ([7, 8, 7, 8], "lists image ids 7, 8 more")]:
+        doc["images"] = [{**image, "id": i} for i in ids]
+        path.write_text(json.dumps(doc))
+        with pytest.raises(DataError, match=f"'images' {message}"):
+            read_annotations(path)
+
+
+def test_a_flip_probability_of_1_always_flips_and_0_never(tmp_path):
+    import torch
+    from PIL import Image
+
+    from data.detection import CocoDetection
+
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "annotations").mkdir()
+    pixels = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    Image.fromarray(pixels).save(tmp_path / "train2017" / "a.png")
+    _coco(tmp_path, [[1, 1, 3, 2]], w=8, h=6).rename(tmp_path / "annotations" / "instances_train2017.json")
+    doc = (tmp_path / "annotations" / "instances_train2017.json").read_text().replace("a.jpg", "a.png")
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(doc)
+    for epoch in range(3):
+        image, target = CocoDetection(tmp_path, "train", train=True, hflip=1.0, seed=epoch)[(epoch, 0)]
+        assert torch.equal(image, torch.from_numpy(pixels[:, ::-1].copy()).permute(2, 0, 1))
+        assert target["boxes"].tolist() == [[4.0, 1.0, 7.0, 3.0]]  # x -> 8 - x, xyxy
+        image, target = CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=epoch)[(epoch, 0)]
+        assert torch.equal(image, torch.from_numpy(pixels).permute(2, 0, 1))
+        assert target["boxes"].tolist() == [[1.0, 1.0, 4.0, 3.0]]

@@ -127,3 +127,41 @@ def test_prune_keeps_the_newest_epoch_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_010.pt", "epoch_011.pt", "last.pt"]
     checkpoint.prune(tmp_path, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_preemption_handlers_are_put_back_and_a_default_sigusr1_becomes_ignored():
+    import signal
+
+    from engine.preemption import Preemption
+
+    def mine(signum, frame):
+        pass
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # default: SLURM's time-limit warning would kill the process
+        p = Preemption(False)
+        assert signal.getsignal(signal.SIGTERM) == p._handle and signal.getsignal(signal.SIGUSR1) == p._handle
+        p.restore()
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == saved[signal.SIGINT]
+        signal.signal(signal.SIGUSR1, mine)  # a handler of the caller's own is put back as it was
+        p = Preemption(False)
+        p.restore()
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_plain_state_dicts_and_reference_script_checkpoints_load_as_weights(tmp_path):
+    sd = {"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2)}
+    torch.save(sd, tmp_path / "plain.pth")
+    torch.save({"model": sd, "optimizer": {"state": {}}, "epoch": 599}, tmp_path / "reference.pth")
+    for name in ("plain.pth", "reference.pth"):
+        loaded = checkpoint.load(tmp_path / name)
+        assert list(loaded) == ["model"] and checkpoint.state_sha256(loaded["model"]) == checkpoint.state_sha256(sd)
+    torch.save({"epoch": 3, "notes": "x"}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="neither a state dict nor a project checkpoint"):
+        checkpoint.load(tmp_path / "other.pth")

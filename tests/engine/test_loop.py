@@ -306,5 +306,21 @@ def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
     assert state["epoch"] == 1 and state["position"] == {"epoch": 2, "micro": 3}
     assert not list((tmp_path / "checkpoints").glob("epoch_*.pt"))  # mid-epoch: last.pt only
     assert err.value.code == 128 + signal.SIGUSR1
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 4, 1, None, "none"),
+                  tmp_path, epochs=3, log=_Rows(tmp_path))
+    again.run.state, again.run.resume_path = state, tmp_path / "checkpoints" / "last.pt"
+    again.resume()  # mid-epoch: no row to write back
+    assert (again.start_epoch, again.start_micro) == (2, 3) and not (tmp_path / "metrics.jsonl").exists()
     assert err.value.message == (f"stopped by SIGUSR1 at epoch 2, optimizer step 3/10: "
                                  f"{tmp_path / 'checkpoints' / 'last.pt'} written; the same command resumes exactly")
+
+
+def test_a_run_whose_epochs_are_all_done_says_so_and_trains_nothing(tmp_path, capsys):
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 4, 1, None, "none"), tmp_path,
+                 epochs=3, log=_Rows(tmp_path))
+    loop.start_epoch = 3
+    assert list(loop.epochs()) == []
+    assert capsys.readouterr().out == f"all 3 epochs are done in {tmp_path}; nothing to train\n"
+    loop.start_epoch = 1
+    assert list(loop.epochs()) == [1, 2] and capsys.readouterr().out == ""

@@ -86,6 +86,7 @@ def test_environment_names_the_git_commit_or_none():
 
     env = environment(3, torch.device("cpu"))
     assert env["world_size"] == 3 and env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert "gpus" not in env and "cuda" not in env  # a CPU run names no GPU
     here = Path(__file__).resolve().parent
     in_git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=here, capture_output=True,
                             text=True).stdout.strip() == "true"
