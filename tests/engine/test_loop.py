@@ -286,6 +286,12 @@ def test_resume_writes_the_row_of_an_epoch_whose_checkpoint_was_saved_but_not_it
         assert again.global_step == 2 and again.history == [{"epoch": 0, "acc1": 12.5, "note": "text"}]
         assert capsys.readouterr().out == (f"resumed from {tmp_path / 'checkpoints' / 'last.pt'} (epoch 0 done); "
                                            "continuing at epoch 1\n")
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    del state["row"]  # a checkpoint without its row (an older one): resumed, nothing written back
+    (tmp_path / "metrics.jsonl").unlink()
+    again.run.state = state
+    again.resume()
+    assert again.start_epoch == 1 and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
