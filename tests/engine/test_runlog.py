@@ -138,3 +138,10 @@ def test_images_and_scalars_go_to_tensorboard_event_files(tmp_path):
     assert (img.step, img.width, img.height) == (2, 5, 4)
     RunLog(tmp_path / "off", enabled=False).images(0, {"pred": torch.zeros(3, 2, 2, dtype=torch.uint8)})
     assert not (tmp_path / "off").exists()
+
+
+def test_eta_is_hours_minutes_seconds():
+    from engine.runlog import _hms
+
+    assert [_hms(s) for s in (0, 59.9, 61, 3599, 3600, 7322, 90061)] == \
+        ["0:00:00", "0:00:59", "0:01:01", "0:59:59", "1:00:00", "2:02:02", "25:01:01"]
