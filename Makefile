@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TOY := toy_data
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean mutants
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: $(STAMP) $(TOY)/.done
 # are too small for two threads, and a worker's second thread only contends with the other worker.
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+
+# Random one-token mutants of engine/ and data/, judged by the unit tests that run the mutated line
+# (docs/mutants.md). A habit, not CI: about 5-10 minutes for 40 mutants on 2 cores.
+SEED ?= 2801
+N ?= 40
+mutants: $(STAMP)
+	nice -n 10 $(PY) tools/mutants.py --seed $(SEED) -n $(N) $(MODULES)
 
 bench: $(STAMP) $(TOY)/.done
 	$(PY) bench/latency.py

@@ -424,8 +424,7 @@ def coco_bbox_stats(gt: COCO | str | Path, results: list[dict],
     ev = COCOeval_faster(gt, dt, "bbox", print_function=_quiet)
     if image_ids is not None:
         ev.params.imgIds = list(image_ids)
-    ev.evaluate()
-    ev.accumulate()
+    ev.evaluate()  # faster-coco-eval accumulates here too (separate_eval=False): no accumulate() call needed
     ev.summarize()
     return [float(v) for v in ev.stats[:12]]
 

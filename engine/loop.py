@@ -261,7 +261,7 @@ class Loop:
             raise TypeError("build every DataLoader with engine.preemption.data_loader (the workers' signals)")
         skip = self.start_micro if epoch == self.start_epoch else 0
         self._train_images = len(loader.dataset)
-        if skip and self._resumed_images not in (None, self._train_images):
+        if self._resumed_images not in (None, self._train_images):  # set by a mid-epoch resume only
             raise UserError(f"{self.run.resume_path} stopped in the middle of epoch {epoch} with "
                             f"{self._resumed_images} training images, but the dataset now has {self._train_images}: "
                             "the epoch cannot continue where it stopped. Restore the dataset, or resume from the "

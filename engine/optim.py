@@ -195,9 +195,9 @@ class EpochSchedule:
         else:
             for g, lr in zip(optimizer.param_groups, self.lrs(t)):
                 g["lr"] = lr
-        if epoch == 0 and self.cfg.warmup_iters > 0 and steps_per_epoch:
+        if epoch == 0 and steps_per_epoch:
             # torchvision's detection reference: LinearLR(start_factor, total_iters=min(1000, iters - 1))
-            # stepped after every iteration of epoch 0, multiplying the epoch's LR.
+            # stepped after every iteration of epoch 0, multiplying the epoch's LR (warmup_iters 0: none).
             total = min(self.cfg.warmup_iters, steps_per_epoch - 1)
             if total > 0:
                 f = self.cfg.warmup_factor + (1 - self.cfg.warmup_factor) * min(step, total) / total

@@ -142,8 +142,7 @@ def lock_dir(out_dir: Path, dist: DistState = DistState()):
             fh.truncate(0)
             fh.write(f"host {platform.node()}, pid {os.getpid()}\n")
             fh.flush()
-    if dist.distributed:
-        problem = distributed.all_gather_object(problem, dist)[0]
+    problem = distributed.all_gather_object(problem, dist)[0]  # rank 0's answer on every rank
     if problem:
         raise RunDirError(problem)
     return fh

@@ -193,3 +193,126 @@ def test_print_config_with_a_global_batch_that_cannot_be_met_is_the_run_s_messag
     with pytest.raises(ConfigError) as err:  # what main() raises, and launch() prints with exit 2
         plan_batch(cfg.run, 5, "auto", "none", 1)
     assert printed.stderr.splitlines()[1] == f"  {err.value.problems[0]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sized:
+    size: int | tuple[int, int]     # a union without None: null is not a value it takes
+    eps: Optional[float] = 1.0      # an optional one: null is
+
+
+@dataclasses.dataclass(frozen=True)
+class SizedCfg:
+    sized: Sized
+    run: RunConfig
+
+
+def test_null_for_a_key_that_is_not_optional_is_refused_with_the_other_problems(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("sized: {size: null, eps: null}\nrun: {output_dir: out, seed: null, print_freq: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SizedCfg, p, ["run.unknown=1"])
+    assert sorted(err.value.problems) == sorted([
+        f"{p}: sized.size: expected int or a list of 2 (int, int), got null",
+        f"{p}: run.seed: expected int, got None",
+        "command line: run.unknown: unknown key; valid keys here: " + ", ".join(
+            f.name for f in dataclasses.fields(RunConfig)),
+    ])
+    p.write_text("sized: {size: [3, 4], eps: null}\nrun: {output_dir: out, seed: 1}\n")
+    cfg = load_config(SizedCfg, p, ["sized.size=null", "sized.size=5"])  # the last override wins
+    assert cfg.sized == Sized(size=5, eps=None)
+    with pytest.raises(ConfigError) as err:
+        load_config(SizedCfg, p, ["sized.size=None"])
+    assert err.value.problems == ["command line: sized.size: expected int or a list of 2 (int, int), got null"]
+
+
+@pytest.mark.parametrize("text,kind", [("- optimizer\n- run\n", "list"), ("just text\n", "str"), ("3\n", "int")])
+def test_a_recipe_whose_top_level_is_not_a_mapping_names_the_file(tmp_path, text, kind):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    assert err.value.problems == [f"{p}: expected a mapping of sections at the top, got {kind}"]
+
+
+def test_an_empty_recipe_reports_every_missing_section_key(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    assert sorted(err.value.problems) == sorted(
+        [f"{p}: optimizer.{k}: missing: expected {t} (this field has no default)"
+         for k, t in [("name", "one of 'sgd', 'rmsprop'"), ("lr", "float"), ("weight_decay", "float")]]
+        + [f"{p}: run.{k}: missing: expected {t} (this field has no default)"
+           for k, t in [("output_dir", "str"), ("seed", "int")]])
+
+
+@pytest.mark.parametrize("key,good,bad", [
+    ("global_batch", [1, 2, None], [0, -8]),
+    ("world_size", [1, 64, None], [0, -1]),
+    ("keep_checkpoints", [0, 1, None], [-1]),
+    ("divergence_factor", [1.001, 10.0, None], [1.0, 0.5, 0.0]),
+    ("print_freq", [1, 50], [0, -5]),
+])
+def test_run_section_bounds(key, good, bad):
+    for value in good:
+        assert list(RunConfig(output_dir="o", seed=0, **{key: value}).validate()) == [], (key, value)
+    for value in bad:
+        problems = list(RunConfig(output_dir="o", seed=0, **{key: value}).validate())
+        assert [k for k, _ in problems] == [key] and str(value) in problems[0][1], (key, value)
+
+
+def test_a_list_field_given_a_scalar_and_conflicting_overrides_are_refused(recipe):
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer.milestones=5", "optimizer.betas=0.5"])
+    assert err.value.problems == ["command line: optimizer.milestones: expected a list of int, got 5",
+                                  "command line: optimizer.betas: expected a list of 2 (float, float), got 0.5"]
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer.lr=0.2", "optimizer.lr.x.y=1", "run.seed=3"])
+    assert err.value.problems == ["command line: optimizer.lr.x.y: conflicts with an earlier override"]
+
+
+@pytest.mark.parametrize("script", ["train_classification", "train_detection", "train_segmentation", "train_qat"])
+def test_every_section_of_every_script_config_is_frozen(script):
+    """Nothing writes back into the config (DESIGN rule 1): each section is a frozen dataclass."""
+    import importlib
+    import typing
+
+    def sections(cls):
+        yield cls
+        for tp in typing.get_type_hints(cls).values():
+            if dataclasses.is_dataclass(tp):
+                yield from sections(tp)
+
+    found = list(sections(importlib.import_module(script).Config))
+    assert len(found) >= 5 and RunConfig in found
+    assert [c.__name__ for c in found if not c.__dataclass_params__.frozen] == []
+
+
+def test_the_cli_counts_problems_in_words(recipe, capsys):
+    from engine.config import cli
+
+    for overrides, head in [(["run.seed=x"], "t: 1 problem with the configuration:"),
+                            (["run.seed=x", "optimizer.lr=y"], "t: 2 problems with the configuration:")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli(Cfg, ["--recipe", str(recipe), *overrides], prog="t")
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and err[0] == head and len(err) == len(overrides) + 2
+        assert err[-1] == "usage: t --recipe PATH [--print-config] [--check-data] [section.key=value ...]"
+
+
+def test_config_yaml_has_sections_as_blocks_and_lists_inline(recipe):
+    cfg = load_config(Cfg, recipe, ["optimizer.eps=0.5"])
+    assert dump_config(cfg) == (
+        "optimizer:\n  name: sgd\n  lr: 0.1\n  weight_decay: 0.0001\n  betas: [0.9, 0.999]\n  milestones: [16, 22]\n"
+        "  nesterov: false\n  eps: 0.5\nrun:\n  output_dir: out\n  seed: 0\n  device: auto\n  resume: null\n"
+        "  eval_only: false\n  keep_checkpoints: null\n  print_freq: 50\n  world_size: null\n  global_batch: null\n"
+        "  allow_changes: false\n  check_data: false\n  divergence_factor: 10.0\n")
+
+
+def test_check_data_flag_and_overrides_on_the_cli(recipe):
+    from engine.config import cli
+
+    cfg = cli(Cfg, ["--recipe", str(recipe), "--check-data", "run.seed=5"], prog="t")
+    assert cfg.run.check_data is True and cfg.run.seed == 5
+    assert cli(Cfg, [f"--recipe={recipe}"], prog="t").run.check_data is False

@@ -80,3 +80,88 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path, umask):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.json": 0o666 & ~umask, "b.pt": 0o666 & ~umask, "plain": 0o666 & ~umask}
+
+
+def test_the_umask_is_read_without_proc_too_and_left_as_it_was(monkeypatch):
+    """Where /proc/self/status is missing (macOS), the umask is read by setting it and putting it back."""
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", no_proc, raising=False)
+    old = os.umask(0o027)
+    try:
+        assert checkpoint.file_mode() == 0o640
+        assert os.umask(0o027) == 0o027  # still the process's umask
+    finally:
+        os.umask(old)
+
+
+def test_state_digest_covers_names_dtypes_shapes_and_bytes(tmp_path):
+    state = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.zeros(3)}
+    digest = checkpoint.state_sha256(state)
+    assert len(digest) == 64 and checkpoint.state_sha256({k: v.clone() for k, v in state.items()}) == digest
+    checkpoint.save(checkpoint.new(state), tmp_path / "s.pt")
+    assert checkpoint.state_sha256(checkpoint.load(tmp_path / "s.pt")["model"]) == digest
+    variants = [
+        {"b.weight": state["a.weight"], "a.bias": state["a.bias"]},            # a name
+        {"a.weight": state["a.weight"].reshape(3, 2), "a.bias": state["a.bias"]},  # a shape
+        {"a.weight": state["a.weight"].view(torch.int32), "a.bias": state["a.bias"]},  # a dtype, same bytes
+        {"a.weight": state["a.weight"] + 1, "a.bias": state["a.bias"]},         # the values
+        {"a.weight": state["a.weight"], "a.bias": torch.zeros(0)},              # an empty tensor
+    ]
+    digests = {checkpoint.state_sha256(v) for v in variants}
+    assert len(digests) == len(variants) and digest not in digests
+
+
+def test_prune_keeps_the_newest_epoch_files(tmp_path):
+    names = [f"epoch_{e:03d}.pt" for e in (0, 1, 2, 10, 11)] + ["last.pt"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    checkpoint.prune(tmp_path, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    checkpoint.prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_010.pt", "epoch_011.pt", "last.pt"]
+    checkpoint.prune(tmp_path, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_preemption_handlers_are_put_back_and_a_default_sigusr1_becomes_ignored():
+    import signal
+
+    from engine.preemption import Preemption
+
+    def mine(signum, frame):
+        pass
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # default: SLURM's time-limit warning would kill the process
+        p = Preemption(False)
+        assert signal.getsignal(signal.SIGTERM) == p._handle and signal.getsignal(signal.SIGUSR1) == p._handle
+        p.restore()
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == saved[signal.SIGINT]
+        signal.signal(signal.SIGUSR1, mine)  # a handler of the caller's own is put back as it was
+        p = Preemption(False)
+        p.restore()
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_plain_state_dicts_and_reference_script_checkpoints_load_as_weights(tmp_path):
+    sd = {"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2)}
+    torch.save(sd, tmp_path / "plain.pth")
+    torch.save({"model": sd, "optimizer": {"state": {}}, "epoch": 599}, tmp_path / "reference.pth")
+    for name in ("plain.pth", "reference.pth"):
+        loaded = checkpoint.load(tmp_path / name)
+        assert list(loaded) == ["model"] and checkpoint.state_sha256(loaded["model"]) == checkpoint.state_sha256(sd)
+    torch.save({"epoch": 3, "notes": "x"}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="neither a state dict nor a project checkpoint"):
+        checkpoint.load(tmp_path / "other.pth")

@@ -1,6 +1,7 @@
 """engine/loop.py in-process: the batch plan, gradient accumulation against one big batch, the short
 last group, the divergence guard and mid-epoch skipping."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +27,22 @@ def test_plan_auto_meets_the_recipe_global_batch():
     assert plan_batch(run, 128, "auto", "none", 8).accumulate == 1
     p = plan_batch(run, 32, "auto", "none", 2)
     assert (p.accumulate, p.global_batch, p.lr_scale) == (16, 1024, 1.0)
+
+
+def test_plan_summary_and_description_in_whole_numbers():
+    p = plan_batch(_run_cfg(global_batch=1024, world_size=8), 128, "auto", "none", 2)
+    assert p.summary(0.1) == ("global batch 1024 = 2 processes x 128 images x 4 accumulation steps "
+                              "(the recipe's, tuned on 8 processes)")
+    assert p.describe() == {"processes": 2, "batch_per_process": 128, "accumulate": 4, "global_batch": 1024,
+                            "recipe_global_batch": 1024, "lr_scaling": "none", "lr_scale": 1.0}
+    assert type(p.accumulate) is int and type(p.global_batch) is int
+    free = plan_batch(_run_cfg(), 32, "auto", "linear", 1)  # no global batch in the recipe: no accumulation
+    assert free.summary(0.1) == "global batch 32 = 1 processes x 32 images x 1 accumulation steps"
+    assert (free.accumulate, free.lr_scale) == (1, 1.0)
+    fixed = plan_batch(_run_cfg(global_batch=64), 16, 2, "linear", 1)  # 32 of 64: half the LR
+    assert fixed.summary(0.1) == ("warning: global batch 32 = 1 processes x 16 images x 2 accumulation steps, but the "
+                                  "recipe was tuned for a global batch of 64 on an unstated process count; lr scaled "
+                                  "linearly: 0.1 x 0.5 = 0.05: results will differ from the published ones")
 
 
 def test_plan_that_cannot_meet_the_global_batch_says_what_would():
@@ -57,10 +74,21 @@ class _NoLog(RunLog):
         super().__init__("unused", enabled=False)
 
 
-def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None):
-    cfg = SimpleNamespace(schedule=SimpleNamespace(epochs=epochs),
-                          run=SimpleNamespace(print_freq=1000, divergence_factor=factor, keep_checkpoints=None, seed=0))
-    run = SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None, changes={})
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    schedule: _Schedule
+    run: RunConfig
+
+
+def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None, print_freq=1000, log=None):
+    cfg = _Cfg(_Schedule(epochs), _run_cfg(print_freq=print_freq, divergence_factor=factor))
+    run = SimpleNamespace(log=log or _NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None,
+                          changes={})
     schedule = EpochSchedule(ScheduleConfig(epochs=epochs, name="constant"), optimizer)
     return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip)
 
@@ -148,3 +176,157 @@ def test_epoch_batches_skip_resumes_the_same_order():
     assert list(b) == full[2:] and len(b) == 5 and b.total() == 7
     b.set_epoch(5)
     assert list(b) != full  # a new order each epoch
+
+
+def test_epoch_stats_average_the_loss_and_each_logged_part_over_micro_batches(tmp_path):
+    """What detection writes to metrics.jsonl per loss component: the mean over the epoch's micro-batches."""
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = _loop(model, opt, BatchPlan(1, 8, 2, None, "none"), tmp_path)
+    loader = DataLoader(_data(40), batch_sampler=EpochBatches(SequentialSampler(range(40)), 8))
+    parts = [(0.5, 2.0), (1.5, 4.0), (2.5, 0.0), (0.25, 1.0), (0.25, 3.0)]  # 5 micro-batches
+    for (x, _), (a, b) in zip(loop.batches(loader, 0), parts):
+        with loop.forward():
+            loss = model(x).sum() * 0.0 + (a + b)
+        loop.backward(loss, images=len(x), logs={"loss_a": torch.tensor(a), "loss_b": torch.tensor(b)})
+    stats = loop.epoch_stats()
+    assert stats["loss_a"] == pytest.approx(5.0 / 5) and stats["loss_b"] == pytest.approx(10.0 / 5)
+    assert stats["train_loss"] == pytest.approx(15.0 / 5)
+    assert stats["optimizer_steps"] == 3 and stats["lr"] == 0.0  # groups of 2: [2, 2, 1]
+    assert 0.0 <= stats["data_wait"] <= 1.0 and stats["images_per_s"] > 0
+
+
+class _Printing(RunLog):
+    def __init__(self, tmp_path):
+        super().__init__(tmp_path, enabled=True)
+
+
+def test_batch_mode_prints_a_progress_line_every_print_freq_optimizer_steps_and_the_last(tmp_path, capsys):
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    # 44 samples in micro-batches of 4 = 11 micro-batches, groups of 2: 6 optimizer steps
+    loop = _loop(model, opt, BatchPlan(1, 4, 2, None, "none"), tmp_path, print_freq=4, log=_Printing(tmp_path))
+    loader = DataLoader(_data(44), batch_sampler=EpochBatches(SequentialSampler(range(44)), 4))
+    for x, y in loop.batches(loader, 3):
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loop.backward(loss, images=len(x))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" eta ")[0] for line in lines] == ["epoch 3 4/6", "epoch 3 6/6"], lines
+    assert all(" loss " in line and " lr 0 " in line and " img_s " in line for line in lines), lines
+
+
+def _constant_losses(loop, model, n, micro, values, logs=None):
+    """Feed `values` as the micro-batches' losses (a loss with no gradient: the model does not move)."""
+    loader = DataLoader(_data(n), batch_sampler=EpochBatches(SequentialSampler(range(n)), micro))
+    for (x, _), v in zip(loop.batches(loader, loop.start_epoch), values):
+        with loop.forward():
+            loss = model(x).sum() * 0.0 + v
+        loop.backward(loss, images=len(x))
+
+
+def test_the_starting_loss_is_the_mean_of_the_first_group_and_the_guard_says_what_is_kept(tmp_path):
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = _loop(model, opt, BatchPlan(1, 4, 3, None, "none"), tmp_path, factor=4.0)
+    with pytest.raises(Diverged) as err:  # groups of 3: means 2, 3, then 9 > 4 x 2
+        _constant_losses(loop, model, 40, 4, [1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 9.0, 9.0, 9.0, 1.0])
+    assert loop.loss_reference == pytest.approx(2.0)
+    assert (loop.step, loop.micro) == (3, 9)  # stopped at the bad step, not at the end of the epoch
+    assert "above 4 x the starting loss 2 (run.divergence_factor) at epoch 0, step 2" in str(err.value)
+    assert "(no checkpoint was written yet)" in str(err.value)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, factor=None)
+    with pytest.raises(Diverged) as err:
+        _constant_losses(loop, model, 40, 4, [1.0, float("nan")])
+    assert f"training loss is not finite at epoch 0, step 1: stopping (the last good checkpoint " \
+           f"{tmp_path / 'checkpoints' / 'last.pt'} is intact)" in str(err.value)
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, factor=None)
+    with pytest.raises(Diverged, match="not finite at epoch 0, step 0:"):  # the very first step
+        _constant_losses(loop, model, 40, 4, [float("inf")])
+
+
+class _Rows(RunLog):
+    """metrics.jsonl and the console; TensorBoard's scalars are kept in a list."""
+
+    def __init__(self, tmp_path):
+        super().__init__(tmp_path, enabled=True)
+        self.tb = []
+
+    def scalars(self, step, values, prefix=""):
+        self.tb.append((step, prefix, values))
+
+
+def test_resume_writes_the_row_of_an_epoch_whose_checkpoint_was_saved_but_not_its_row(tmp_path, capsys):
+    from engine import checkpoint
+    from engine.runlog import read_metrics
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
+    _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+    loop.end_epoch(0, {"acc1": 12.5, "note": "text"}, loop.epoch_stats())
+    rows = read_metrics(tmp_path)
+    assert [(r["epoch"], r["acc1"], r["train_loss"]) for r in rows] == [(0, 12.5, 1.5)]
+    [(step, prefix, scalars)] = loop.log.tb  # the row's numbers, by epoch
+    assert (step, prefix) == (0, "") and {k: v for k, v in rows[0].items() if k not in ("epoch", "note")} == scalars
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_000.pt", "last.pt"]
+    assert (ckpt / "epoch_000.pt").read_bytes() == (ckpt / "last.pt").read_bytes()
+    (tmp_path / "metrics.jsonl").unlink()  # the process stopped after the checkpoint, before the row
+    for _ in range(2):  # a second resume finds the row and does not write it again
+        again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                      tmp_path, epochs=3, log=_Rows(tmp_path))
+        again.run.state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+        again.run.resume_path = tmp_path / "checkpoints" / "last.pt"
+        capsys.readouterr()
+        again.resume()
+        assert (again.start_epoch, again.start_micro) == (1, 0) and read_metrics(tmp_path) == rows
+        assert again.global_step == 2 and again.history == [{"epoch": 0, "acc1": 12.5, "note": "text"}]
+        assert capsys.readouterr().out == (f"resumed from {tmp_path / 'checkpoints' / 'last.pt'} (epoch 0 done); "
+                                           "continuing at epoch 1\n")
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    del state["row"]  # a checkpoint without its row (an older one): resumed, nothing written back
+    (tmp_path / "metrics.jsonl").unlink()
+    again.run.state = state
+    again.resume()
+    assert again.start_epoch == 1 and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
+    import signal
+
+    from engine import checkpoint
+    from engine.errors import Preempted
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # not a batch job: nothing to requeue
+    loop.start_epoch = 2
+    _constant_losses(loop, model, 40, 4, [1.0, 1.0, 1.0])
+    with pytest.raises(Preempted) as err:
+        loop._stop(signal.SIGUSR1)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["position"] == {"epoch": 2, "micro": 3}
+    assert not list((tmp_path / "checkpoints").glob("epoch_*.pt"))  # mid-epoch: last.pt only
+    assert err.value.code == 128 + signal.SIGUSR1
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 4, 1, None, "none"),
+                  tmp_path, epochs=3, log=_Rows(tmp_path))
+    again.run.state, again.run.resume_path = state, tmp_path / "checkpoints" / "last.pt"
+    again.resume()  # mid-epoch: no row to write back
+    assert (again.start_epoch, again.start_micro) == (2, 3) and not (tmp_path / "metrics.jsonl").exists()
+    assert err.value.message == (f"stopped by SIGUSR1 at epoch 2, optimizer step 3/10: "
+                                 f"{tmp_path / 'checkpoints' / 'last.pt'} written; the same command resumes exactly")
+
+
+def test_a_run_whose_epochs_are_all_done_says_so_and_trains_nothing(tmp_path, capsys):
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 4, 1, None, "none"), tmp_path,
+                 epochs=3, log=_Rows(tmp_path))
+    loop.start_epoch = 3
+    assert list(loop.epochs()) == []
+    assert capsys.readouterr().out == f"all 3 epochs are done in {tmp_path}; nothing to train\n"
+    loop.start_epoch = 1
+    assert list(loop.epochs()) == [1, 2] and capsys.readouterr().out == ""

@@ -50,3 +50,16 @@ def test_evaluation_loop_reports_acc1_acc5_and_loss_over_every_image():
                for row, t in zip(logits, target))
     assert out["acc1"] == 30.0 and out["acc5"] == 70.0 and out["val_images"] == 10
     assert math.isclose(out["val_loss"], loss / 10, rel_tol=1e-6) and out["val_loss"] > 1.0
+
+
+def test_evaluation_runs_the_model_in_eval_mode():
+    """A model left in training mode (dropout on) is evaluated as in eval mode: the same numbers as without
+    the dropout layer."""
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.1, 0.3, 0.2], [1.0, 3.0, 0.0], [0.0, 0.2, 0.1]])
+    target = torch.tensor([0, 2, 1, 0])
+    loader = [(logits[:2], target[:2]), (logits[2:], target[2:])]
+    plain = evaluate_classifier(torch.nn.Identity(), loader, lambda x: x, torch.device("cpu"), DistState())
+    torch.manual_seed(0)
+    dropout = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    assert evaluate_classifier(dropout, loader, lambda x: x, torch.device("cpu"), DistState()) == plain
+    assert not dropout.training and plain["acc1"] == 50.0

@@ -147,3 +147,66 @@ def test_poly_schedule_per_epoch():
     s = EpochSchedule(ScheduleConfig(epochs=30, name="poly", power=0.9), opt)
     for e in range(30):
         assert s.set(opt, e) == pytest.approx(0.02 * (1 - e / 30) ** 0.9, rel=1e-12), e
+
+
+def test_linear_warmup_epochs_of_the_closed_form_schedules():
+    """lr(e) = init + e / warmup * (base - init) during warm-up, base after (constant schedule)."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.2)
+    s = EpochSchedule(ScheduleConfig(epochs=10, name="constant", warmup_epochs=3, warmup_lr_init=0.02), opt)
+    assert [s.set(opt, e) for e in range(5)] == pytest.approx([0.02, 0.08, 0.14, 0.2, 0.2], rel=1e-12)
+    assert not s.needs_step_updates(0)
+
+
+def test_iteration_warmup_of_epoch_0_is_torch_linear_lr():
+    """Detection's warmup_iters: epoch 0's LR times torch's LinearLR(start_factor, total_iters) per step."""
+    base, factor, iters, steps = 0.02, 0.001, 5, 8
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=base)
+    s = EpochSchedule(ScheduleConfig(epochs=3, name="constant", warmup_iters=iters, warmup_factor=factor), opt)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=base)
+    ref = torch.optim.lr_scheduler.LinearLR(ref_opt, start_factor=factor, total_iters=iters)
+    for step in range(steps):
+        assert s.set(opt, 0, step, steps) == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12), step
+        ref_opt.step()
+        ref.step()
+    assert s.needs_step_updates(0) and not s.needs_step_updates(1)
+    assert s.set(opt, 1, 0, steps) == pytest.approx(base)  # epoch 1: no warm-up
+    # fewer steps in the epoch than warmup_iters: the warm-up ends at the epoch's last step (steps - 1)
+    short = EpochSchedule(ScheduleConfig(epochs=3, name="constant", warmup_iters=1000, warmup_factor=factor), opt)
+    assert short.set(opt, 0, 0, 3) == pytest.approx(base * factor)
+    assert short.set(opt, 0, 1, 3) == pytest.approx(base * (factor + (1 - factor) / 2))
+    assert short.set(opt, 0, 2, 3) == pytest.approx(base)
+    plain = EpochSchedule(ScheduleConfig(epochs=3, name="constant"), opt)
+    assert plain.set(opt, 0, 0, 3) == pytest.approx(base) and not plain.needs_step_updates(0)
+
+
+def test_per_iteration_poly_uses_the_fraction_of_the_epoch():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.02)
+    s = EpochSchedule(ScheduleConfig(epochs=30, name="poly", power=0.9, per_iteration=True), opt)
+    assert s.set(opt, 2, 50, 100) == pytest.approx(0.02 * (1 - 2.5 / 30) ** 0.9, rel=1e-12)
+    assert s.needs_step_updates(5)
+    epochwise = EpochSchedule(ScheduleConfig(epochs=30, name="poly", power=0.9), opt)
+    assert epochwise.set(opt, 2, 50, 100) == pytest.approx(0.02 * (1 - 2 / 30) ** 0.9, rel=1e-12)
+
+
+def test_two_groups_split_weights_from_norms_and_biases_by_name():
+    """Oracle: the parameters by module, not by dimension: conv and linear weights decay, biases and norm
+    weights get norm_weight_decay."""
+    m = _model()
+    m(torch.zeros(1, 3, 5, 5))
+    conv, bn, _, linear = m
+    decay, norm = param_groups(m, 1e-4, 0.0)
+    assert {id(p) for p in decay["params"]} == {id(conv.weight), id(linear.weight)}
+    assert {id(p) for p in norm["params"]} == {id(conv.bias), id(bn.weight), id(bn.bias), id(linear.bias)}
+    assert (decay["weight_decay"], norm["weight_decay"]) == (1e-4, 0.0)
+    [one] = param_groups(m, 1e-4, None)
+    assert len(one["params"]) == 6 and one["weight_decay"] == 1e-4
+
+
+def test_eps_given_as_pytorch_s_goes_inside_timm_s_root_squared():
+    """PyTorch's RMSprop adds eps outside the square root, TF's (timm's RMSpropTF) inside: sqrt(v) + e ~ sqrt(v + e^2)."""
+    def eps(**kw):
+        return OptimizerConfig(lr=0.01, weight_decay=0.0, momentum=0.9, **kw).torch_eps()
+
+    assert eps(name="rmsprop_tf", alpha=0.9, eps=1e-3) == pytest.approx(1e-6, rel=1e-12)
+    assert eps(name="rmsprop", alpha=0.9, eps=1e-3) == 1e-3
+    assert eps(name="adamw") == 1e-8 and eps(name="adamw", eps=1e-6) == 1e-6

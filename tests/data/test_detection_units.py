@@ -1,0 +1,152 @@
+"""data/detection.py's small parts in isolation: detections as COCO results rows."""
+
+import numpy as np
+
+from data.detection import to_results
+
+
+def test_results_rows_are_coco_results_format():
+    """A row is (image_id, x, y, w, h, score, category_id); COCO's results format names them."""
+    rows = np.array([[42, 10.5, 20.0, 30.0, 40.25, 0.875, 18], [7, 0.0, 1.0, 2.0, 3.0, 0.5, 1]])
+    assert to_results(rows) == [
+        {"image_id": 42, "category_id": 18, "bbox": [10.5, 20.0, 30.0, 40.25], "score": 0.875},
+        {"image_id": 7, "category_id": 1, "bbox": [0.0, 1.0, 2.0, 3.0], "score": 0.5}]
+    assert to_results(np.empty((0, 7))) == []
+
+
+def test_data_section_bounds():
+    from data.detection import DetectionDataConfig
+
+    def problems(**kw):
+        base = dict(root="r", batch_size=1, workers=0, hflip=0.0, aspect_ratio_group_factor=-1, box_margin=0.0)
+        return [k for k, _ in DetectionDataConfig(**{**base, **kw}).validate()]
+
+    assert problems() == [] and problems(hflip=1.0, aspect_ratio_group_factor=0) == []
+    assert problems(batch_size=0) == ["batch_size"] and problems(workers=-1) == ["workers"]
+    assert problems(hflip=1.5) == ["hflip"] and problems(hflip=-0.1) == ["hflip"]
+    assert problems(aspect_ratio_group_factor=-2) == ["aspect_ratio_group_factor"]
+    assert problems(box_margin=-0.5) == ["box_margin"]
+    import dataclasses
+
+    import pytest
+
+    cfg = DetectionDataConfig(root="r", batch_size=1, workers=0, hflip=0.0, aspect_ratio_group_factor=-1)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # nothing writes back into the config
+        cfg.batch_size = 2
+
+
+def test_model_output_becomes_xywh_rows_in_the_model_s_order():
+    import torch
+
+    from data.detection import detection_rows
+
+    out = {"boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.5, 1.5, 2.5, 4.5]]),
+           "scores": torch.tensor([0.75, 0.25]), "labels": torch.tensor([3, 18])}
+    assert detection_rows(5, out).tolist() == [[5, 10.0, 20.0, 30.0, 40.0, 0.75, 3],
+                                              [5, 0.5, 1.5, 2.0, 3.0, 0.25, 18]]
+
+
+def test_rows_of_every_rank_are_gathered_on_rank_0_sorted_stably_by_image(monkeypatch):
+    import torch
+
+    from data.detection import gather_rows
+
+    mine = [np.array([[3, 0, 0, 1, 1, 0.9, 1], [1, 0, 0, 1, 1, 0.8, 1]]), np.array([[1, 5, 5, 1, 1, 0.7, 2]])]
+    assert gather_rows(mine, 1)[:, [0, 1, 5]].tolist() == [[1, 0, 0.8], [1, 5, 0.7], [3, 0, 0.9]]
+    assert gather_rows([], 1).shape == (0, 7)
+    other = np.array([[2, 9, 9, 1, 1, 0.6, 4], [1, 7, 7, 1, 1, 0.5, 4]])
+    sent = []
+
+    def gather_object(obj, parts, dst):  # what torch.distributed does with two ranks, this one and another
+        sent.append((obj, dst))
+        if parts is not None:
+            parts[:] = [obj, other]
+
+    monkeypatch.setattr(torch.distributed, "gather_object", gather_object)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    rows = gather_rows(mine, 2)
+    assert rows[:, [0, 1]].tolist() == [[1, 0], [1, 5], [1, 7], [2, 9], [3, 0]] and sent[-1][1] == 0
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert gather_rows(mine, 2) is None and sent[-1][0].shape == (3, 7)
+
+
+def test_bbox_metrics_in_percent_with_no_data_as_null():
+    from data.detection import bbox_metrics
+
+    stats = [0.5, 0.75, 0.0, -1.0, 0.25, 0.125, 0.3, 0.4, 0.5, -1.0, 0.2, 0.1]
+    m = bbox_metrics(stats)
+    assert m == {"bbox_map": 50.0, "bbox_AP50": 75.0, "bbox_AP75": 0.0, "bbox_APs": None, "bbox_APm": 25.0,
+                 "bbox_APl": 12.5, "bbox_stats": [0.5, 0.75, 0.0, None, 0.25, 0.125, 0.3, 0.4, 0.5, None, 0.2, 0.1]}
+
+
+def _coco(tmp_path, boxes, w=100, h=80):
+    import json
+
+    doc = {"images": [{"id": 7, "file_name": "a.jpg", "height": h, "width": w}],
+           "categories": [{"id": 1, "name": "person"}],
+           "annotations": [{"id": i, "image_id": 7, "category_id": 1, "bbox": b} for i, b in enumerate(boxes, 1)]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_boxes_within_the_margin_are_clamped_and_one_past_any_edge_is_named(tmp_path):
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    # a 100 x 80 image, margin 2 px: each box reaches 2 px past one edge (accepted, clamped to the image)
+    inside = [[-2, 10, 20, 20], [10, -2, 20, 20], [82, 10, 20, 20], [10, 62, 20, 20]]
+    ann = read_annotations(_coco(tmp_path, inside), box_margin=2.0)
+    assert ann.boxes[0].tolist() == [[0, 10, 18, 30], [10, 0, 30, 18], [82, 10, 100, 30], [10, 62, 30, 80]]
+    for i, box in enumerate([[-2.5, 10, 20, 20], [10, -2.5, 20, 20], [82.5, 10, 20, 20], [10, 62.5, 20, 20]]):
+        with pytest.raises(DataError) as err:
+            read_annotations(_coco(tmp_path, [[0, 0, 5, 5], box]), box_margin=2.0)
+        assert str(err.value) == (f"{tmp_path / 'instances.json'}: 1 bad annotation:\n  annotation 2: bbox [x, y, w, h] "
+                                  f"= {[float(v) for v in box]} lies outside its image 7 (100 x 80 px) by more than "
+                                  "data.box_margin 2 px"), i
+
+
+def test_degenerate_boxes_are_accepted_negative_sizes_and_repeated_images_are_named(tmp_path):
+    import json
+
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    ann = read_annotations(_coco(tmp_path, [[10, 10, 5, 0], [10, 10, 0, 5], [1, 1, 3, 2]]))  # zero width/height
+    assert ann.boxes[0].tolist() == [[1, 1, 4, 3]]  # the degenerate ones are dropped, not an error
+    with pytest.raises(DataError, match=r"annotation 1: bbox \[10.0, 10.0, 5.0, -1.0\] is not \[x, y, width >= 0"):
+        read_annotations(_coco(tmp_path, [[10, 10, 5, -1]]))
+    path = _coco(tmp_path, [])
+    doc = json.loads(path.read_text())
+    image = doc["images"][0]
+    for ids, message in [([7, 7], "lists image id 7 more than once"), ([7, 8, 7, 8], "lists image ids 7, 8 more")]:
+        doc["images"] = [{**image, "id": i} for i in ids]
+        path.write_text(json.dumps(doc))
+        with pytest.raises(DataError, match=f"'images' {message}"):
+            read_annotations(path)
+
+
+def test_a_flip_probability_of_1_always_flips_and_0_never(tmp_path):
+    import torch
+    from PIL import Image
+
+    from data.detection import CocoDetection
+
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "annotations").mkdir()
+    pixels = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    Image.fromarray(pixels).save(tmp_path / "train2017" / "a.png")
+    _coco(tmp_path, [[1, 1, 3, 2]], w=8, h=6).rename(tmp_path / "annotations" / "instances_train2017.json")
+    doc = (tmp_path / "annotations" / "instances_train2017.json").read_text().replace("a.jpg", "a.png")
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(doc)
+    for epoch in range(3):
+        image, target = CocoDetection(tmp_path, "train", train=True, hflip=1.0, seed=epoch)[(epoch, 0)]
+        assert torch.equal(image, torch.from_numpy(pixels[:, ::-1].copy()).permute(2, 0, 1))
+        assert target["boxes"].tolist() == [[4.0, 1.0, 7.0, 3.0]]  # x -> 8 - x, xyxy
+        image, target = CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=epoch)[(epoch, 0)]
+        assert torch.equal(image, torch.from_numpy(pixels).permute(2, 0, 1))
+        assert target["boxes"].tolist() == [[1.0, 1.0, 4.0, 3.0]]

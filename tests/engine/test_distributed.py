@@ -1,0 +1,101 @@
+"""engine/distributed.py and engine.loop.launch_world_size in-process: which launcher a process was started
+by (torchrun, srun or none), read from the environment as torchrun and SLURM document it, and the process
+group each asks for. No process group is created: init_process_group is replaced by a recorder."""
+
+import os
+
+import pytest
+import torch
+
+from engine import distributed
+from engine.distributed import DistState
+from engine.loop import launch_world_size
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+               "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in LAUNCH_VARS:  # set, then delete: monkeypatch restores each as it was, even one the code sets
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+    def set_(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+
+    return set_
+
+
+@pytest.fixture
+def groups(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    return calls
+
+
+def test_a_plain_process_is_one_rank_on_the_device_asked_for(env, groups, monkeypatch):
+    assert distributed.init("cpu") == DistState(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert launch_world_size() == 1 and groups == []
+    env(RANK=0)  # RANK alone (no WORLD_SIZE) is not torchrun
+    assert distributed.init("cpu").world_size == 1
+    monkeypatch.delenv("RANK")
+    env(WORLD_SIZE=2)  # nor is WORLD_SIZE alone
+    assert distributed.init("cpu").world_size == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    env(SLURM_NTASKS=4)  # a SLURM allocation of 4 tasks, but this process was not started by srun
+    assert distributed.init("cpu").world_size == 1 and launch_world_size() == 1 and groups == []
+
+
+def test_torchrun_ranks_and_a_gloo_group_on_cpu(env, groups):
+    env(RANK=3, WORLD_SIZE=4, LOCAL_RANK=1, SLURM_PROCID=0, SLURM_NTASKS=8, SLURM_LOCALID=0)  # torchrun wins
+    state = distributed.init("cpu")
+    assert (state.rank, state.world_size, state.local_rank, state.is_main, state.distributed) == (3, 4, 1, False, True)
+    assert launch_world_size() == 4
+    [(args, kw)] = groups
+    assert args == ("gloo",) and kw["rank"] == 3 and kw["world_size"] == 4 and kw["device_id"] is None
+
+
+def test_torchrun_with_one_process_makes_no_group(env, groups):
+    env(RANK=0, WORLD_SIZE=1)
+    state = distributed.init("cpu")
+    assert (state.rank, state.world_size, state.is_main, state.distributed) == (0, 1, True, False)
+    assert groups == []
+
+
+def test_srun_tasks_need_a_master_address_and_get_a_default_port(env, groups, monkeypatch):
+    env(SLURM_PROCID=2, SLURM_NTASKS=4, SLURM_LOCALID=1)
+    with pytest.raises(RuntimeError, match="SLURM multi-task run: set MASTER_ADDR"):
+        distributed.init("cpu")
+    assert groups == []
+    env(MASTER_ADDR="node1")
+    state = distributed.init("cpu")
+    assert (state.rank, state.world_size, state.local_rank) == (2, 4, 1)
+    assert os.environ["MASTER_PORT"] == "29500" and launch_world_size() == 4
+    env(MASTER_PORT=1234)
+    distributed.init("cpu")
+    assert os.environ["MASTER_PORT"] == "1234" and len(groups) == 2 and groups[0][0] == ("gloo",)
+
+
+def test_srun_with_one_task_is_a_plain_process(env, groups):
+    env(SLURM_PROCID=0, SLURM_LOCALID=0)  # no SLURM_NTASKS: one task
+    assert distributed.init("cpu").world_size == 1 and launch_world_size() == 1 and groups == []
+    env(SLURM_NTASKS=1)
+    assert distributed.init("cpu").world_size == 1 and launch_world_size() == 1 and groups == []
+
+
+def test_collectives_without_a_group_are_the_local_values():
+    t = torch.tensor([1.0, -2.0])
+    assert distributed.all_reduce_sum(t, DistState()) is t and t.tolist() == [1.0, -2.0]
+    assert distributed.all_reduce_max(t, DistState()).tolist() == [1.0, -2.0]
+    assert distributed.all_gather_object({"a": 1}, DistState()) == [{"a": 1}]
+
+
+def test_device_names(monkeypatch):
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="run.device='cuda:1' but CUDA is not available"):
+        distributed.resolve_device("cuda:1")
