@@ -316,3 +316,27 @@ def test_check_data_flag_and_overrides_on_the_cli(recipe):
     cfg = cli(Cfg, ["--recipe", str(recipe), "--check-data", "run.seed=5"], prog="t")
     assert cfg.run.check_data is True and cfg.run.seed == 5
     assert cli(Cfg, [f"--recipe={recipe}"], prog="t").run.check_data is False
+
+
+def test_a_configuration_error_raised_by_main_is_counted_in_words(recipe, capsys, monkeypatch):
+    """launch(): a ConfigError from main (e.g. no optimizer step per epoch) is exit 2 with its problems
+    counted in words, as the CLI counts its own."""
+    from engine.loop import launch
+
+    monkeypatch.setattr(sys, "argv", ["t.py"])
+    for problems, head in [(["a: bad"], "t.py: 1 problem with the configuration:"),
+                           (["a: bad", "b: worse"], "t.py: 2 problems with the configuration:")]:
+        def main(cfg, problems=problems):
+            raise ConfigError(problems)
+
+        with pytest.raises(SystemExit) as exit_:
+            launch(Cfg, main, argv=["--recipe", str(recipe)])
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and err == [head] + [f"  {p}" for p in problems]
+
+
+def test_field_help_lists_every_key_with_its_section_prefix():
+    from engine.config import _field_help
+
+    lines = _field_help(Cfg).splitlines()
+    assert "  optimizer.lr: float" in lines and "  run.seed: int" in lines

@@ -330,3 +330,36 @@ def test_a_run_whose_epochs_are_all_done_says_so_and_trains_nothing(tmp_path, ca
     assert capsys.readouterr().out == f"all 3 epochs are done in {tmp_path}; nothing to train\n"
     loop.start_epoch = 1
     assert list(loop.epochs()) == [1, 2] and capsys.readouterr().out == ""
+
+
+def test_clip_grad_norm_scales_the_step_to_the_clipped_gradient(tmp_path):
+    """train.clip: one SGD step (lr 1, no momentum) moves the weights by exactly the gradient rescaled to
+    norm `clip` (computed here by hand), not by the raw gradient."""
+    cfg = OptimizerConfig(name="sgd", lr=1.0, weight_decay=0.0)
+    x, y = _data(16)[:]
+    start = _model()
+    loss = nn.functional.cross_entropy(start(x), y)
+    grads = torch.autograd.grad(loss, list(start.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    clip = 0.05
+    assert norm > 10 * clip  # the clip is active
+    model = _model()
+    opt = build_optimizer(cfg, [{"params": list(model.parameters()), "weight_decay": 0.0}])
+    loop = _loop(model, opt, BatchPlan(1, 16, 1, None, "none"), tmp_path, clip=clip)
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=EpochBatches(SequentialSampler(range(16)), 16))
+    for xb, yb in loop.batches(loader, 0):
+        with loop.forward():
+            out = nn.functional.cross_entropy(model(xb), yb)
+        loop.backward(out, images=len(xb))
+    for p, p0, g in zip(model.parameters(), start.parameters(), grads):
+        torch.testing.assert_close(p0 - p, g * clip / norm, rtol=1e-4, atol=1e-7)
+
+
+def test_no_batch_per_process_is_refused_naming_the_process_count_in_words():
+    from engine.loop import check_steps
+
+    for world, words in [(1, "0 usable training images over 1 process give no batch"),
+                         (2, "0 usable training images over 2 processes give no batch")]:
+        with pytest.raises(ConfigError) as exc:
+            check_steps(EpochBatches(SequentialSampler(range(0)), 8), 0, BatchPlan(world, 8, 1, None, "none"))
+        assert words in exc.value.problems[0]
