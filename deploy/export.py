@@ -84,6 +84,20 @@ def export(src: Source, fmt: str, out: Path, log=print) -> dict:
     return info
 
 
+def _export_float(model, kind: str, size: int, fmt: str, tmp: Path):
+    """A float model to `tmp` (ONNX with a dynamic batch, exported at batch 2; ExecuTorch at batch 1) and a
+    runner of the written file: (graph description, runner)."""
+    from deploy import executorch as et
+    from deploy import onnx
+
+    if fmt == "onnx":
+        graph = onnx.export(model, kind, torch.zeros(2, 3, size, size), str(tmp))
+        return graph, onnx.runner(str(tmp), kind)
+    buffer, graph = et.export_float(model, kind, torch.zeros(1, 3, size, size))
+    _write(tmp, buffer)
+    return graph, et.runner(str(tmp))
+
+
 def _write(tmp: Path, buffer: bytes) -> None:
     with open(tmp, "wb") as fh:
         fh.write(buffer)
@@ -111,14 +125,7 @@ def _export_and_check(src: Source, fmt: str, tmp: Path, log) -> tuple[dict, dict
 
     if task == "segmentation":
         model = build_float(src)
-        size = cfg.data.eval_size
-        if fmt == "onnx":
-            graph = onnx.export(model, "segmentation", torch.zeros(2, 3, size, size), str(tmp))
-            exported = onnx.runner(str(tmp), "segmentation")
-        else:
-            buffer, graph = et.export_float(model, "segmentation", torch.zeros(1, 3, size, size))
-            _write(tmp, buffer)
-            exported = et.runner(str(tmp))
+        graph, exported = _export_float(model, "segmentation", cfg.data.eval_size, fmt, tmp)
         log(f"checking {tmp.name} on the val set ...")
         result = check.check_segmentation(lambda x: model(x)["out"], exported, check.segmentation_batches(src))
         return graph, result, extra
@@ -126,13 +133,7 @@ def _export_and_check(src: Source, fmt: str, tmp: Path, log) -> tuple[dict, dict
     crop = cfg.data.val_crop
     if task == "classification":
         model = build_float(src)
-        if fmt == "onnx":
-            graph = onnx.export(model, "classification", torch.zeros(2, 3, crop, crop), str(tmp))
-            exported = onnx.runner(str(tmp), "classification")
-        else:
-            buffer, graph = et.export_float(model, "classification", torch.zeros(1, 3, crop, crop))
-            _write(tmp, buffer)
-            exported = et.runner(str(tmp))
+        graph, exported = _export_float(model, "classification", crop, fmt, tmp)
         log(f"checking {tmp.name} on the val set ...")
         result = check.check_classification(model, exported, check.classification_batches(src), int8=False)
         return graph, result, extra
