@@ -17,7 +17,6 @@ and the one being added; checkpoint files are memory-mapped, so optimizer state 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint, rundir
+from engine.checkpoint import file_sha256
 from engine.config import ConfigError, load_config_dict
 from engine.errors import UserError
 from engine.runlog import improved, read_metrics
@@ -127,14 +127,6 @@ def _check_same(first: Path, ref_meta: dict, ref_cfg: dict | None, path: Path, s
         if diff:
             details = ", ".join(f"model.{k}: {ref_cfg.get(k)!r} vs {model_cfg.get(k)!r}" for k in sorted(diff))
             raise ValueError(f"{path}: trained with a different model config than {first} ({details})")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_state_dict(state: dict[str, torch.Tensor], out: Path) -> Path:

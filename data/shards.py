@@ -45,6 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.checkpoint import file_sha256
 from engine.errors import DataError
 
 FORMAT, VERSION = "mbv3-shards", 1
@@ -57,14 +58,6 @@ PARTIAL = ".partial"
 
 def is_shard_set(split_dir: str | Path) -> bool:
     return (Path(split_dir) / INDEX).is_file()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -311,7 +304,7 @@ def verify_set(split_dir: str | Path, log=print) -> dict:
         if size != s["bytes"]:
             raise DataError(f"{path}: shard {'truncated' if size < s['bytes'] else 'resized'}: {size} bytes, "
                             f"its index says {s['bytes']}")
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         if digest != s["sha256"]:
             raise DataError(f"{path}: shard corrupted: SHA-256 {digest[:16]}..., its index says "
                             f"{s['sha256'][:16]}... (same size; the bytes differ)")
@@ -382,7 +375,7 @@ def _write_shard(path: Path, names: list[str], files: list[str], sizes: list[int
         raw.flush()
         os.fsync(raw.fileno())
     digest, total = out.hash.hexdigest(), out.size
-    if tmp.stat().st_size != total or sha256_file(tmp) != digest:
+    if tmp.stat().st_size != total or file_sha256(tmp) != digest:
         raise DataError(f"{tmp}: the shard read back differs from what was written (size or SHA-256): the disk "
                         "or file system lost data; run the writer again")
     if _members(tmp) != members:
@@ -399,7 +392,7 @@ def _check_written(path: Path, names: list[str], sizes: list[int]) -> dict | Non
         return None
     if [(m[0], m[2]) for m in members] != list(zip(names, sizes)):
         return None
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "samples": len(names),
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path), "samples": len(names),
             "_members": members}
 
 
@@ -457,8 +450,8 @@ def write_manifest(root: Path, indexes: dict[str, dict], extra_files: list[str])
     for split, index in indexes.items():
         files += [{"path": f"{split}/{s['file']}", "bytes": s["bytes"], "sha256": s["sha256"]} for s in index["shards"]]
         files.append({"path": f"{split}/{INDEX}", "bytes": (root / split / INDEX).stat().st_size,
-                      "sha256": sha256_file(root / split / INDEX)})
-    files += [{"path": rel, "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+                      "sha256": file_sha256(root / split / INDEX)})
+    files += [{"path": rel, "bytes": (root / rel).stat().st_size, "sha256": file_sha256(root / rel)}
               for rel in extra_files]
     manifest = {"format": FORMAT, "version": VERSION, "splits": list(indexes), "files": files}
     _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -522,7 +515,7 @@ def stage(src_root: str | Path, dest_dir: str | Path | None = None, log=print) -
     size is used as it is."""
     src = Path(src_root).resolve()
     manifest = read_manifest(src)
-    digest = sha256_file(src / MANIFEST)
+    digest = file_sha256(src / MANIFEST)
     dest_parent = Path(dest_dir) if dest_dir else default_stage_dir()
     dest = dest_parent / src.name
     try:

@@ -14,7 +14,6 @@ this package sits one layer above them, as reproduce/ does.)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 from functools import partial
 from pathlib import Path
@@ -63,14 +62,6 @@ def task_of(raw: dict, where: str) -> str:
         return "classification"
     raise UserError(f"{where}: model.name {name!r} is not a model this repository trains "
                     f"(expected one of {', '.join(CLASSIFIERS + DETECTORS + SEGMENTERS)})")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def script(task: str):
@@ -127,7 +118,7 @@ def resolve(path: str | Path, recipe: str | Path | None = None, data_root: str |
             raise UserError(f"--recipe {recipe_path}: no such file")
         task, cfg = load_recipe(recipe_path, data_root)
         weights, run_dir = path, None
-    return Source(task, cfg, recipe_path, weights, sha256_file(weights), run_dir)
+    return Source(task, cfg, recipe_path, weights, checkpoint.file_sha256(weights), run_dir)
 
 
 # ============================================================================ the PyTorch model

@@ -119,6 +119,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
     raise ValueError(f"{path}: neither a state dict nor a project checkpoint (keys: {sorted(obj)[:8]})")
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (exported weights, shards, their manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
     """Digest of a state dict's names, dtypes, shapes and bytes (independent of file encoding)."""
     h = hashlib.sha256()

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -67,3 +68,18 @@ def run_in_process(script: str | Path, args: list, cwd: Path) -> subprocess.Comp
         for s, handler in saved[4].items():
             signal.signal(s, handler)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def small_disk(parent: Path, size: str):
+    """A real tmpfs of `size` (e.g. "8m") mounted at parent/disk for a full-disk test, unmounted after;
+    the test is skipped where mounting is not allowed (it needs root)."""
+    disk = parent / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

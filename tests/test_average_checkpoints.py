@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -104,7 +105,7 @@ def test_run_selection_prints_and_writes_metadata(tmp_path, capsys):
     assert [s["epoch"] for s in ckpt["averaged_from"]] == [1, 3, 4] and ckpt["rule"].startswith("last-improved:3")
     assert ckpt["sha256"] == checkpoint.state_sha256(ckpt["model"])
     exported = tmp_path / result["export"].split("/")[-1]
-    assert exported.name == f"avg-{avg.file_sha256(exported)[:8]}.pth"
+    assert exported.name == f"avg-{hashlib.sha256(exported.read_bytes()).hexdigest()[:8]}.pth"
     model = torchvision.models.mobilenet_v3_small(num_classes=10)
     model.load_state_dict(torch.load(exported, weights_only=True), strict=True)  # loads into torchvision
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_in_process
+from tests.conftest import ROOT, run_in_process, small_disk
 from tests.test_run_safety import _rows, _same_weights
 from tests.test_train_classification import fast
 
@@ -232,13 +232,8 @@ def test_a_torn_last_metrics_line_is_dropped_and_its_row_restored_on_resume(toy_
 
 
 def test_disk_full_during_a_checkpoint_save_is_one_message(toy_data, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
     # 8 MiB: the run's files and one checkpoint (about 5 MB; last.pt is a hard link) fit, a second does not
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); needs root")
-    try:
+    with small_disk(tmp_path, "8m") as disk:
         out = disk / "run"
         proc = run_in_process("train_classification.py", fast(toy_data / "imagenet", out, "schedule.epochs=3"),
                               tmp_path)
@@ -250,8 +245,6 @@ def test_disk_full_during_a_checkpoint_save_is_one_message(toy_data, tmp_path):
         assert torch.load(last, weights_only=True)["epoch"] == 0
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.pt", "last.pt"]  # no .tmp
         assert [r["epoch"] for r in _rows(out)] == [0]  # epoch 1's row waits for its checkpoint
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import shards  # noqa: E402
+from engine.checkpoint import file_sha256  # noqa: E402
 from engine.errors import DataError, UserError  # noqa: E402
 
 COCO_SPLITS = {"train": "train2017", "val": "val2017"}
@@ -125,7 +126,7 @@ def verify(root: Path) -> None:
         if path.stat().st_size != size:
             raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says {size} "
                             f"({'truncated' if path.stat().st_size < size else 'resized'})")
-        if shards.sha256_file(path) != sha:
+        if file_sha256(path) != sha:
             raise DataError(f"{path}: corrupted: its SHA-256 differs from the manifest's (same size)")
     for split in manifest["splits"]:
         shards.verify_set(root / split, log=lambda msg: print(f"make_shards --verify: {msg}"))

@@ -17,7 +17,7 @@ import pytest
 from data import shards
 from data.classification import decode
 from engine.errors import DataError
-from tests.conftest import ROOT, run_in_process
+from tests.conftest import ROOT, run_in_process, small_disk
 from tests.test_recipe_keys import C_BASE, C_RECIPE, _tiny_imagefolder
 from tools import make_shards
 
@@ -269,12 +269,7 @@ def test_a_killed_staging_resumes_with_the_files_it_finished(written, tmp_path):
 
 
 def test_a_full_local_disk_is_one_message_and_nothing_looks_complete(written, tmp_path, monkeypatch):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); needs root")
-    try:
+    with small_disk(tmp_path, "600k") as disk:
         need = sum(f["bytes"] for f in json.loads((written / "manifest.json").read_text())["files"])
         msg = _message(lambda: shards.stage(written, disk, log=lambda m: None))
         assert msg.startswith(f"{disk / written.name}: not enough space to stage {written}: {need / 1e9:.2f} GB to "
@@ -287,8 +282,6 @@ def test_a_full_local_disk_is_one_message_and_nothing_looks_complete(written, tm
                             "(--dest / STAGE_DATA=PATH)")
         assert not (disk / written.name / ".staged.json").exists() and not list(disk.rglob("*.partial"))
         assert not (disk / written.name / "manifest.json").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_the_benchmark_counts_one_open_per_file_and_per_shard(toy_data, tmp_path, capsys):
