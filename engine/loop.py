@@ -284,7 +284,9 @@ class Loop:
         self.epoch, self.micro_total = epoch, micro_total
         self.steps_per_epoch = math.ceil(micro_total / n)
         self.micro = skip
-        self.step = skip // n
+        # groups already stepped: a stop comes after a step, so `skip` ends a group; the epoch's last
+        # group may be short, so a stop after it (skip == micro_total) has stepped ceil(skip / n) times
+        self.step = -(-skip // n)
         if not self._epoch_sums:
             z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
             self._epoch_sums = {"loss": z(), "micro": z()}

@@ -363,3 +363,35 @@ def test_no_batch_per_process_is_refused_naming_the_process_count_in_words():
         with pytest.raises(ConfigError) as exc:
             check_steps(EpochBatches(SequentialSampler(range(0)), 8), 0, BatchPlan(world, 8, 1, None, "none"))
         assert words in exc.value.problems[0]
+
+
+def test_a_signal_at_the_epochs_short_last_step_resumes_with_the_full_step_count(tmp_path, monkeypatch):
+    """40 samples in micro-batches of 8, groups of 4: [4, 1]. A signal agreed after the short last group
+    saves micro 5 of 5; the resumed epoch has 2 optimizer steps, as the uninterrupted one (not 5 // 4 = 1)."""
+    import signal
+
+    from engine import checkpoint
+    from engine.errors import Preempted
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = _loop(model, opt, BatchPlan(1, 8, 4, None, "none"), tmp_path, epochs=2, log=_Rows(tmp_path))
+    monkeypatch.setattr(loop._preempt, "agreed", lambda: signal.SIGUSR1 if loop.step == 2 else 0)
+    loader = DataLoader(_data(40), batch_sampler=EpochBatches(SequentialSampler(range(40)), 8))
+    with pytest.raises(Preempted):
+        for x, y in loop.batches(loader, 0):
+            with loop.forward():
+                loss = nn.functional.cross_entropy(model(x), y)
+            loop.backward(loss, images=len(x))
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["position"] == {"epoch": 0, "micro": 5}
+    again_model = _model()
+    again = _loop(again_model, torch.optim.SGD(again_model.parameters(), lr=0.1), BatchPlan(1, 8, 4, None, "none"),
+                  tmp_path, epochs=2, log=_Rows(tmp_path))
+    again.run.state, again.run.resume_path = state, tmp_path / "checkpoints" / "last.pt"
+    again.resume()
+    assert list(again.batches(loader, 0)) == []  # nothing left of the epoch
+    assert again.epoch_stats()["optimizer_steps"] == 2
+    _, _, steps, stats = _train(OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.0), 8, 4, 40, tmp_path / "ref")
+    assert steps == stats["optimizer_steps"] == 2
