@@ -8,7 +8,7 @@ TOY := toy_data
 
 .PHONY: demo test bench clean mutants
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py data/_jpeg.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.classification import (BatchTransform, ClassificationDataConfig, build_loaders, count_images,
-                                 steps_per_epoch)
+                                 slow_decode_note, steps_per_epoch)
 from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images, check_single_image_batch
@@ -111,6 +111,8 @@ def main(cfg: Config) -> dict:
     train_set, train_loader, val_set, val_loader = build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, dist,
                                                                  train=not cfg.run.eval_only,
                                                                  check_val=not cfg.run.check_data)
+    if train_set is not None and (note := slow_decode_note()):
+        log.info(note)
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, channels_last).to(device)
     if cfg.run.check_data:
         items = {p: (ds, i) for ds in (train_set, val_set) if ds is not None  # a shard set's names are no files

@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler
 
-from data.classification import (BatchTransform, build_loaders, ClassificationDataConfig, count_images, make_loader, steps_per_epoch)
+from data.classification import (BatchTransform, build_loaders, ClassificationDataConfig, count_images, make_loader,
+                                 slow_decode_note, steps_per_epoch)
 from engine import distributed, rundir, seeding
 from engine.config import RunConfig
 from engine.datacheck import check_images
@@ -151,6 +152,8 @@ def main(cfg: Config) -> dict:
     train = not cfg.run.eval_only
     train_set, train_loader, val_set, val_loader = build_loaders(cfg.data, cfg.model.num_classes, cfg.run.seed, dist,
                                                                  train=train, check_val=not cfg.run.check_data)
+    if train_set is not None and (note := slow_decode_note()):
+        log.info(note)
     batch_tf = BatchTransform(cfg.data.mean, cfg.data.std, cfg.train.channels_last).to(device)
     cpu_tf = BatchTransform(cfg.data.mean, cfg.data.std, False)
     if cfg.run.check_data:

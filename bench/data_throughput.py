@@ -11,13 +11,16 @@ are timed interleaved in one run, 25 files at a time, each chunk `--reps` times,
 disk (the page cache, after the first round).
 - reference: torchvision's classification reference, per sample: PIL decode -> RandomResizedCrop ->
   flip -> AutoAugment(nearest) -> to tensor -> float -> Normalize -> RandomErasing;
-- ours: data/classification.py's ImageFolder item (the loader-worker part): decode (torchvision) ->
-  crop + resize (torch, uint8) -> flip + AutoAugment (PIL, data/autoaugment.py) -> erase-box draw,
-  seeded per sample. The rest (normalize + erase) runs once per batch on the training device;
-  its CPU cost per image is printed too, for training on a CPU;
-- bare decode: PIL open + convert("RGB") of the whole file (torchvision's loader), nothing else: the
-  floor of any pipeline that decodes every pixel; torchvision's full decode (libjpeg-turbo, the
-  decoder ours uses) is printed beside it.
+- ours: data/classification.py's ImageFolder item (the loader-worker part): the crop drawn from the JPEG
+  header, only the crop decoded (data/_jpeg.c, libjpeg-turbo's partial decode; at 1/2-1/8 scale where
+  it is >= 2x the output) -> resize (torch, uint8) -> flip + AutoAugment (PIL, data/autoaugment.py) ->
+  erase-box draw, seeded per sample. The rest (normalize + erase) runs once per batch on the training
+  device; its CPU cost per image is printed too, for training on a CPU. Beside it, ours with
+  data.dct_downscale false (every crop decoded at full size: the whole decode's pixels) and ours
+  decoding whole images (an install without data/_jpeg);
+- bare decode: PIL open + convert("RGB") of the whole file (torchvision's loader), nothing else: what
+  any pipeline that decodes every pixel pays at least; torchvision's full decode (libjpeg-turbo) is
+  printed beside it.
 Then the pixel difference of ours against the reference for the same generator state (the same crop,
 flip, AutoAugment sub-policy and magnitudes): after crop + resize + flip (the decode and resize
 differences themselves), and after AutoAugment (where Solarize, Posterize and Equalize can turn a
@@ -27,6 +30,7 @@ one-level difference into a large one on a few pixels).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import sys
 import time
@@ -41,6 +45,7 @@ from torchvision.transforms import InterpolationMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import machine  # noqa: E402
+from data import classification  # noqa: E402
 from data.classification import (IMAGENET_MEAN, IMAGENET_STD, BatchTransform, ClassificationDataConfig,  # noqa: E402
                                  ImageFolder, TrainTransform, decode)
 from tools import make_photos  # noqa: E402
@@ -142,6 +147,19 @@ def main(argv=None) -> dict:
         for i in indices:
             ours[(0, picked[i])]
 
+    exact = ImageFolder(split, TrainTransform(dataclasses.replace(cfg, dct_downscale=False)), seed=0, train=True)
+
+    def run_exact(indices):
+        for i in indices:
+            exact[(0, picked[i])]
+
+    def run_whole(indices):  # an install without data/_jpeg: the whole image decoded (torchvision)
+        built, classification._jpeg = classification._jpeg, None
+        try:
+            run_exact(indices)
+        finally:
+            classification._jpeg = built
+
     def run_bare(indices):
         for i in indices:
             with open(files[i], "rb") as fh:
@@ -151,8 +169,11 @@ def main(argv=None) -> dict:
         for i in indices:
             decode(files[i])
 
-    t = fastest_of_rounds({"reference": run_reference, "ours": run_ours, "bare": run_bare, "torchvision_decode": run_torchvision_decode},
-                          n, rounds=args.reps)
+    pipelines = {"reference": run_reference, "ours": run_ours, "exact": run_exact, "whole": run_whole, "bare": run_bare,
+                 "torchvision_decode": run_torchvision_decode}
+    if classification._jpeg is None:  # not built: "ours" is the whole decode already
+        del pipelines["whole"]
+    t = fastest_of_rounds(pipelines, n, rounds=args.reps)
     batch_tf = BatchTransform(IMAGENET_MEAN, IMAGENET_STD, channels_last=True)
     items = [ours[(0, i)] for i in picked[:32]]
     batch, boxes = torch.stack([it[0] for it in items]), torch.stack([it[2] for it in items])
@@ -162,6 +183,7 @@ def main(argv=None) -> dict:
         batch_tf(batch, boxes)
     batch_ms = 1e3 * (time.thread_time() - start) / (5 * len(items))
     diff = pixel_difference(ours, files, args.size)
+    diff_exact = pixel_difference(exact, files, args.size)
     ips = {k: n / v for k, v in t.items()}
     sizes = np.array([Image.open(f).size for f in files])
     kbytes = np.mean([Path(f).stat().st_size for f in files]) / 1e3
@@ -169,7 +191,11 @@ def main(argv=None) -> dict:
     print(f"{n} images from {split} (mean {sizes[:, 0].mean():.0f} x {sizes[:, 1].mean():.0f} px, "
           f"{kbytes:.0f} kB per file), crop {args.size}, one thread (one loader worker)")
     print(f"  reference PIL pipeline:          {ips['reference']:7.1f} images/s per core")
-    print(f"  ours (loader-worker part):       {ips['ours']:7.1f} images/s per core")
+    print(f"  ours (loader-worker part):       {ips['ours']:7.1f} images/s per core   (JPEG decode: "
+          + ("the crop only, data/_jpeg)" if classification._jpeg else "whole images: data/_jpeg is not built)"))
+    print(f"    with data.dct_downscale false: {ips['exact']:7.1f} images/s per core")
+    if "whole" in ips:
+        print(f"    decoding whole images:         {ips['whole']:7.1f} images/s per core   (without data/_jpeg)")
     print(f"  bare full decode (PIL):          {ips['bare']:7.1f} images/s per core")
     print(f"  bare full decode (torchvision):  {ips['torchvision_decode']:7.1f} images/s per core")
     print(f"  ratio ours / reference:          {ips['ours'] / ips['reference']:.2f}")
@@ -177,12 +203,13 @@ def main(argv=None) -> dict:
           f"(/ torchvision's: {ips['ours'] / ips['torchvision_decode']:.2f})")
     print(f"  ours, batch part on this CPU:    {batch_ms:.3f} ms/image (on a GPU it runs on the device); "
           f"ratio with it charged to the worker: {(1e3 / ips['reference']) / (1e3 / ips['ours'] + batch_ms):.2f}")
-    print(f"  pixels, ours - reference, same draws (uint8 levels): after crop+resize+flip mean "
-          f"{diff['crop_mean']:.3f}, max {diff['crop_max']}, {100 * diff['crop_over8']:.3f}% of values > 8; "
-          f"after AutoAugment mean {diff['aa_mean']:.3f}, max {diff['aa_max']}, "
-          f"{100 * diff['aa_over8']:.3f}% > 8")
-    return {"reference": ips["reference"], "ours": ips["ours"], "bare": ips["bare"], "torchvision_decode": ips["torchvision_decode"],
-            "ratio": ips["ours"] / ips["reference"], "ratio_bare": ips["ours"] / ips["bare"], **diff}
+    print("  pixels, ours - reference, same draws (uint8 levels):")
+    for label, d in (("ours", diff), ("dct_downscale false", diff_exact)):
+        print(f"    {label + ':':21s} after crop+resize+flip mean {d['crop_mean']:.3f}, max {d['crop_max']}, "
+              f"{100 * d['crop_over8']:.3f}% of values > 8; after AutoAugment mean {d['aa_mean']:.3f}, "
+              f"max {d['aa_max']}, {100 * d['aa_over8']:.3f}% > 8")
+    return {**ips, "ratio": ips["ours"] / ips["reference"], "ratio_bare": ips["ours"] / ips["bare"], **diff,
+            "exact": {"ratio": ips["exact"] / ips["reference"], **diff_exact}}
 
 
 if __name__ == "__main__":

@@ -90,17 +90,16 @@ def _histograms(img: Image.Image) -> np.ndarray:
 
 
 def equalize(img: Image.Image) -> Image.Image:
-    """PIL.ImageOps.equalize(img) for an L or RGB image, its lookup table computed with numpy."""
-    luts = []
-    for h in _histograms(img):
-        nonzero = h[h > 0]
-        step = (int(nonzero.sum()) - int(nonzero[-1])) // 255 if len(nonzero) > 1 else 0
-        if step == 0:
-            luts.append(np.arange(256, dtype=np.int64))
-        else:
-            n = step // 2 + np.concatenate(([0], np.cumsum(h)[:-1]))
-            luts.append(n // step)
-    return _point(img, np.concatenate(luts).tolist())
+    """PIL.ImageOps.equalize(img) for an L or RGB image, its lookup tables computed with numpy, all bands
+    at once: per band, step = (pixels - the count of its last non-empty bin) // 255, and the table
+    entry of value i is (step // 2 + the count below i) // step (the identity where step is 0)."""
+    h = _histograms(img)
+    bands = np.arange(len(h))
+    last = 255 - np.argmax(h[:, ::-1] > 0, axis=1)  # the last non-empty bin of each band
+    step = ((h.sum(axis=1) - h[bands, last]) // 255)[:, None]
+    below = np.cumsum(h, axis=1) - h
+    luts = np.where(step > 0, (step // 2 + below) // np.maximum(step, 1), np.arange(256))
+    return _point(img, luts.reshape(-1).tolist())
 
 
 def autocontrast(img: Image.Image) -> Image.Image:

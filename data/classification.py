@@ -21,6 +21,7 @@ the shorter side, center crop (the published accuracies were measured on that in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io as _io
 import math
 import os
@@ -38,6 +39,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision import transforms as V1
 
 from data.autoaugment import AutoAugment
+
+try:  # libjpeg-turbo's partial decode, compiled by setup.py where libjpeg's headers are installed
+    from data import _jpeg
+except ImportError:  # pragma: no cover - then JPEGs are decoded whole (the same pixels, slower)
+    _jpeg = None
 from engine.datacheck import check_val_images
 from engine.errors import DataError  # noqa: F401  (re-exported: the scripts' data errors)
 from engine.preemption import data_loader
@@ -71,6 +77,10 @@ class ClassificationDataConfig:
     erasing_ratio: tuple[float, float] = (0.3, 3.3)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # libjpeg's scaled IDCT (1/2, 1/4, 1/8) where the crop is at least twice crop_size on both sides (7% of
+    # ImageNet-sized crops at 224): 6% less CPU per image; those crops differ from the reference's PIL
+    # resize by a few levels (docs/data.md). false: every crop is decoded at full size.
+    dct_downscale: bool = True
     format: Literal["folder", "shards"] = "folder"  # shards: data.root as tools/make_shards.py writes it
                                                     # (the same samples, order and bytes: the same run)
 
@@ -120,12 +130,12 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"RIFF": "WebP", b"GIF8": "GIF"}
 
 
-def read_bytes(path: str) -> bytearray:
+def read_bytes(path: str) -> bytes:
     """A file's bytes, read by Python (torchvision's read_file cannot open a name that is not valid
     UTF-8, which Linux file systems allow: Python keeps such bytes as surrogate escapes)."""
     try:
         with open(path, "rb") as fh:
-            return bytearray(fh.read())
+            return fh.read()
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
@@ -233,13 +243,13 @@ class TrainTransform:
     AutoAugment on, images stay height-width-channel, so the batch arrives on the device already in
     channels_last layout.
 
-    Decoding is torchvision's (libjpeg-turbo), 13% faster than simplejpeg's build of the same library on
-    the photographs. What was tried and measured, and left out (docs/data.md): libjpeg-turbo's
-    DCT-domain 1/2-1/4-1/8 downscale where the crop is at least twice the output (4% of the decode
-    time on ImageNet's size distribution, for a 3-level mean difference on the images it touches), its
-    fast IDCT and chroma upsampling (8%, for 2 levels mean after AutoAugment). A decode of only the
-    crop's rows and columns (tj3SetCroppingRegion) is what would cut the decode itself; no wheel on PyPI
-    binds it with the library inside.
+    A JPEG is decoded only where the crop lies (data/_jpeg.c, libjpeg-turbo's partial decode): the crop is
+    drawn from the header's size, rows below it are never read, rows above it only entropy-decoded, and
+    the pixels are those of a full decode cropped afterwards (0 differing values, tested). Where the crop
+    is at least twice crop_size on both sides, libjpeg's scaled IDCT also halves it (or more) while
+    decoding (data.dct_downscale). Everything else (PNG, WebP, GIF, CMYK, a file libjpeg warns about,
+    or an install without the compiled data/_jpeg) is decoded whole by torchvision, as before. Measured
+    on the photographs, what else was tried, and what it costs: docs/data.md.
     """
 
     def __init__(self, cfg: ClassificationDataConfig):
@@ -251,9 +261,29 @@ class TrainTransform:
             self.auto_augment = AutoAugment(V1.AutoAugmentPolicy(cfg.auto_augment),
                                              interpolation=INTERPOLATION[cfg.auto_augment_interpolation])
         self.p, self.erase_scale, self.erase_ratio = cfg.random_erasing, cfg.erasing_scale, cfg.erasing_ratio
+        self.max_denom = 8 if cfg.dct_downscale else 1  # the largest IDCT downscale augment_bytes may use
 
     def augment_bytes(self, data, name: str) -> torch.Tensor:
-        """Encoded image -> uint8 (S, S, 3); `name` is the file named in errors."""
+        """Encoded image -> uint8 (S, S, 3); `name` is the file named in errors. A JPEG: the crop drawn
+        from its header's size, only the crop decoded (at 1/d scale where it is >= 2d x crop_size);
+        anything else, or a JPEG libjpeg warns about: decoded whole, as `decode` does, then cropped."""
+        if _jpeg is not None:
+            buf = _as_buffer(data)
+            size = _jpeg.size(buf)
+            if size is not None:
+                top, left, h, w = _crop_params(size, self.scale, self.ratio)
+                d = 1  # the IDCT's downscale: the largest that leaves the crop at least crop_size
+                while d < self.max_denom and min(h, w) >= 2 * d * self.size:
+                    d *= 2
+                # at 1/d: every scaled pixel the crop covers part of (its edges move by < d source pixels)
+                t, b = top // d, -(-(top + h) // d)
+                l, r = left // d, -(-(left + w) // d)
+                pixels = _jpeg.crop(buf, t, l, b - t, r - l, d)
+                if pixels is None:  # corrupt or truncated: decode_bytes says what it is, or decodes it
+                    return self._finish(decode_bytes(data, name)[None, :, top:top + h, left:left + w])
+                # (h, w, 3) bytes: the crop in channels-last layout, as _finish wants it
+                return self._finish(torch.frombuffer(pixels, dtype=torch.uint8).view(1, b - t, r - l, 3)
+                                    .permute(0, 3, 1, 2))
         return self.augment(decode_bytes(data, name))
 
     def augment(self, image: torch.Tensor) -> torch.Tensor:
@@ -268,7 +298,7 @@ class TrainTransform:
         # height-width-channel bytes PIL takes (0.17 ms, against 0.27 ms + 0.2 ms for the strided view).
         crop = crop.contiguous(memory_format=torch.channels_last)
         out = nn.functional.interpolate(crop, size=(self.size, self.size), mode=self.mode, **antialias)[0]
-        pil = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy(), "RGB")
+        pil = Image.frombytes("RGB", (self.size, self.size), out.permute(1, 2, 0).contiguous().numpy())
         if self.hflip > 0 and torch.rand(1).item() < self.hflip:
             pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.auto_augment is not None:
@@ -287,10 +317,44 @@ class TrainTransform:
         return torch.tensor([1, top, left, h, w], dtype=torch.int32)
 
 
+def slow_decode_note() -> str | None:
+    """A line for the run log when data/_jpeg is not built (training then decodes whole JPEGs)."""
+    if _jpeg is not None:
+        return None
+    return ("note: data/_jpeg (libjpeg-turbo's partial decode) is not built, so training decodes whole JPEGs "
+            "(the same images, about 25% more loader CPU): install libjpeg's headers (apt-get install libjpeg-dev, "
+            "or libjpeg-turbo-devel) and reinstall (pip install -e .); docs/data.md")
+
+
 def _crop_params(size_hw, scale, ratio) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params for an image of this size (it reads only the size)."""
-    shape_only = torch.empty(()).expand(3, int(size_hw[0]), int(size_hw[1]))
-    return V1.RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
+    """torchvision's RandomResizedCrop.get_params for an image of this size (it reads only the size): the
+    same torch draws in the same order and the same arithmetic, with log(ratio) computed once per ratio
+    (half its cost per image; tests/data/test_classification.py compares them)."""
+    height, width = int(size_hw[0]), int(size_hw[1])
+    area = height * width
+    lo, hi = _log_ratio(tuple(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.empty(1).uniform_(lo, hi).exp_().item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    in_ratio = width / height  # torchvision's fallback: the central crop at the nearest allowed ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@functools.lru_cache(maxsize=None)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    return tuple(float(v) for v in torch.log(torch.tensor(ratio)))
 
 
 def decode_pil(data, name: str) -> Image.Image:

@@ -136,7 +136,7 @@ def test_same_draws_as_the_reference_pil_pipeline(toy_data, photos):
     Posterize and Equalize turn a one-level difference into a large one on a few pixels)."""
     from PIL import Image
 
-    cfg = _cfg(toy_data / "imagenet", crop_size=96, random_erasing=0.0)
+    cfg = _cfg(toy_data / "imagenet", crop_size=96, random_erasing=0.0, dct_downscale=False)  # (test_jpeg.py)
     ours = TrainTransform(cfg)
     files = sorted(photos.rglob("*.jpg")) + sorted((toy_data / "imagenet/train").rglob("*.jpg"))[::80]
     for use_aa in (False, True):
@@ -283,3 +283,24 @@ def test_every_bad_file_gets_todays_behaviour_in_training_and_evaluation(photos,
                         "png16.png": "decoded", "text.jpg": "error", "truncated.jpg": "error",
                         "webp.webp": "decoded"}
     assert "not an image" in str(pytest.raises(DataError, decode, str(folder / "text.jpg")).value)
+
+
+def test_crop_draw_is_torchvisions_get_params():
+    """The same rectangle and the same generator state after it, for every kind of image: ordinary, tiny,
+    and so elongated that all 10 tries fail and torchvision falls back to its central crop."""
+    from torchvision import transforms as V1
+
+    from data.classification import _crop_params
+
+    sizes = [(375, 500), (500, 333), (1, 1), (7, 3), (20, 2000), (2000, 20), (224, 224), (4000, 3000)]
+    fallbacks = 0
+    for scale, ratio in (((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 0.9), (0.5, 2.0)), ((1.0, 1.0), (1.0, 1.0))):
+        for seed in range(150):
+            size = sizes[seed % len(sizes)]
+            torch.manual_seed(seed)
+            ours, after = _crop_params(size, scale, ratio), torch.rand(1)
+            torch.manual_seed(seed)
+            theirs = V1.RandomResizedCrop.get_params(torch.empty(()).expand(3, *size), list(scale), list(ratio))
+            assert ours == theirs and torch.equal(after, torch.rand(1)), (size, scale, ratio, seed)
+            fallbacks += min(size) < 50 and max(size) > 1000
+    assert fallbacks > 0

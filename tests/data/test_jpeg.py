@@ -1,0 +1,165 @@
+"""data/_jpeg.c (libjpeg-turbo's partial decode) and the training transform's use of it: the crop's pixels
+are torchvision's full decode cropped afterwards, a scaled crop is Pillow's DCT-scaled decode (`draft`)
+cropped, files it does not take fall back to the whole decode, and the draws stay the reference's."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import classification
+from data.classification import TrainTransform, _crop_params, decode_bytes
+from tests.data.test_classification import _cfg
+
+_jpeg = pytest.importorskip("data._jpeg", reason="data/_jpeg.c is not built (libjpeg's headers are missing)")
+
+
+def _variants(photo: Image.Image) -> dict[str, bytes]:
+    """The JPEG kinds ImageNet has: 4:2:0 (most), 4:2:2, 4:4:4, progressive, restart markers, grayscale,
+    odd sizes (partial MCUs at the right and bottom edges)."""
+    odd = photo.crop((3, 5, 3 + 301, 5 + 203))
+    kinds = {"420": (photo, {"subsampling": 2}), "422": (photo, {"subsampling": 1}),
+             "444": (odd, {"subsampling": 0}), "progressive": (odd, {"progressive": True}),
+             "restart": (photo, {"restart_marker_rows": 1}), "gray": (odd.convert("L"), {})}
+    out = {}
+    for name, (img, kw) in kinds.items():
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90, **kw)
+        out[name] = buf.getvalue()
+    return out
+
+
+def _rectangles(h: int, w: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """Random crops, the whole image, one pixel at each corner, and crops touching each edge."""
+    rects = [(0, 0, h, w), (0, 0, 1, 1), (h - 1, w - 1, 1, 1), (0, w - 7, 9, 7), (h - 9, 0, 9, 17),
+             (1, 1, h - 2, w - 2), (16, 16, 16, 16), (15, 17, 33, 31)]
+    for _ in range(12):
+        ch, cw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
+        rects.append((int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw))
+    return rects
+
+
+def test_the_crop_is_torchvisions_full_decode_cropped(photos):
+    rng = np.random.default_rng(0)
+    files = sorted(photos.rglob("*.jpg"))
+    datas = {f.name: f.read_bytes() for f in files[:6]}
+    datas |= _variants(Image.open(files[1]).convert("RGB"))
+    taken = 0
+    for name, data in datas.items():
+        full = decode_bytes(data, name)  # torchvision's decoder (its own libjpeg-turbo build)
+        size = _jpeg.size(data)
+        if size is None:  # the photographs hold a CMYK file or two: not taken (next test)
+            assert Image.open(io.BytesIO(data)).mode == "CMYK", name
+            continue
+        assert size == tuple(full.shape[1:]), name
+        for top, left, h, w in _rectangles(*size, rng):
+            out = _jpeg.crop(data, top, left, h, w, 1)
+            got = torch.frombuffer(out, dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+            assert torch.equal(got, full[:, top:top + h, left:left + w]), (name, top, left, h, w)
+        taken += 1
+    assert taken >= 10
+
+
+def test_a_scaled_crop_is_pillows_dct_scaled_decode_cropped(photos):
+    """At 1/d scale the rectangle is in the scaled image's pixels."""
+    rng = np.random.default_rng(1)
+    files = sorted(photos.rglob("*.jpg"))
+    checked = 0
+    for name, data in [(f.name, f.read_bytes()) for f in files[:8]] + list(
+            _variants(Image.open(files[2]).convert("RGB")).items()):
+        size = _jpeg.size(data)
+        if size is None:
+            continue
+        h, w = size
+        for d in (2, 4, 8):
+            im = Image.open(io.BytesIO(data))
+            im.draft(im.mode, (w // d, h // d))  # Pillow's libjpeg-turbo at scale 1/d
+            if im.size != (-(-w // d), -(-h // d)):
+                continue  # a tiny image: Pillow picked another scale
+            scaled = np.asarray(im.convert("RGB"))
+            for top, left, ch, cw in _rectangles(h, w, rng)[:8]:
+                t, l = top // d, left // d
+                b, r = min(t + -(-ch // d), len(scaled)), min(l + -(-cw // d), scaled.shape[1])
+                out = np.frombuffer(_jpeg.crop(data, t, l, b - t, r - l, d), np.uint8).reshape(b - t, r - l, 3)
+                assert np.array_equal(out, scaled[t:b, l:r]), (name, d, t, l, b, r)
+            checked += 1
+    assert checked >= 20
+
+
+def test_what_it_does_not_take_is_none_and_bad_arguments_are_refused(photos):
+    jpeg = sorted(photos.rglob("*.jpg"))[0].read_bytes()
+    rgb = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    other = {}
+    for fmt, mode in (("PNG", "RGB"), ("WEBP", "RGB"), ("JPEG", "CMYK")):
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, format=fmt)
+        other[f"{fmt} {mode}"] = buf.getvalue()
+    for name, data in {**other, "empty": b"", "text": b"not an image", "two bytes": b"\xff\xd8"}.items():
+        assert _jpeg.size(data) is None, name
+    h, w = _jpeg.size(jpeg)
+    assert _jpeg.size(jpeg[:jpeg.index(b"\xff\xda") + 20]) == (h, w)  # the header is there ...
+    assert _jpeg.crop(jpeg[:len(jpeg) // 2], 0, 0, h, w, 1) is None  # ... the data is not: libjpeg warns
+    sof = jpeg.index(b"\xff\xc0")
+    lying = bytearray(jpeg)
+    lying[sof + 5:sof + 7] = (h * 3).to_bytes(2, "big")
+    assert _jpeg.size(bytes(lying)) == (3 * h, w) and _jpeg.crop(bytes(lying), 0, 0, 3 * h, w, 1) is None
+    assert _jpeg.crop(jpeg, h - 1, 0, 2, w, 1) is None  # below the image: nothing decoded
+    assert _jpeg.crop(jpeg, 0, 0, -(-h // 2) + 1, 8, 2) is None  # below the image at 1/2
+    assert _jpeg.crop(jpeg, 0, 0, -(-h // 2), -(-w // 2), 2) is not None  # the whole image at 1/2
+    for args in ((-1, 0, 1, 1, 1), (0, 0, 0, 1, 1), (0, 0, 1, 1, 3)):
+        with pytest.raises(ValueError, match="bad rectangle"):
+            _jpeg.crop(jpeg, *args)
+
+
+class _Spy:
+    """data._jpeg with a record of the scales asked for."""
+
+    def __init__(self):
+        self.scales = []
+
+    def size(self, data):
+        return _jpeg.size(data)
+
+    def crop(self, data, top, left, h, w, d):
+        self.scales.append(d)
+        return _jpeg.crop(data, top, left, h, w, d)
+
+
+def test_the_training_item_takes_the_partial_decode_with_the_reference_draws(photos, monkeypatch):
+    """dct_downscale false: the item is bit for bit the one from the whole decode (data/_jpeg not built),
+    with the same draws consumed; true: only crops >= 2x crop_size are scaled, within a few levels."""
+    files = sorted(photos.rglob("*.jpg"))
+    datas = [f.read_bytes() for f in files] + list(_variants(Image.open(files[3]).convert("RGB")).values())
+    exact = TrainTransform(_cfg("unused", crop_size=96, dct_downscale=False, auto_augment=None))
+    scaled = TrainTransform(_cfg("unused", crop_size=96, auto_augment=None))
+    runs = {"exact": (exact, _Spy()), "whole": (exact, None), "scaled": (scaled, _Spy())}
+    outputs = {}
+    for label, (tf, jpeg) in runs.items():
+        monkeypatch.setattr(classification, "_jpeg", jpeg)
+        outputs[label] = []
+        for seed, data in enumerate(datas):
+            torch.manual_seed(seed)
+            outputs[label].append((tf.augment_bytes(data, "x.jpg"), torch.rand(1)))
+    cmyk = sum(_jpeg.size(data) is None for data in datas)
+    assert runs["exact"][1].scales == [1] * (len(datas) - cmyk)
+    for (a, after_a), (b, after_b) in zip(outputs["exact"], outputs["whole"]):
+        assert torch.equal(a, b) and torch.equal(after_a, after_b)
+    scales = runs["scaled"][1].scales
+    assert len(scales) == len(datas) - cmyk and 1 in scales and 2 in scales
+    diffs = []
+    for seed, ((a, after_a), (b, after_b)) in enumerate(zip(outputs["exact"], outputs["scaled"])):
+        assert torch.equal(after_a, after_b)  # the same draws
+        torch.manual_seed(seed)
+        size = _jpeg.size(datas[seed])
+        if size is None:
+            continue
+        _, _, h, w = _crop_params(size, scaled.scale, scaled.ratio)
+        diff = (a.int() - b.int()).abs().float()
+        if min(h, w) < 2 * 96:
+            assert torch.equal(a, b)
+        else:
+            diffs.append(diff.mean().item())
+    # the crop's edges move by < d source pixels: a shift of up to 1 output pixel on textured photographs
+    assert diffs and max(diffs) < 8 and 1 < np.mean(diffs) < 4  # docs/data.md: about 2.7 levels mean
