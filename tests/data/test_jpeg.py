@@ -138,6 +138,8 @@ def test_the_training_item_takes_the_partial_decode_with_the_reference_draws(pho
     outputs = {}
     for label, (tf, jpeg) in runs.items():
         monkeypatch.setattr(classification, "_jpeg", jpeg)
+        note = classification.slow_decode_note()  # what the training scripts log
+        assert (note is None) == (jpeg is not None) and (jpeg or "apt-get install libjpeg-dev" in note)
         outputs[label] = []
         for seed, data in enumerate(datas):
             torch.manual_seed(seed)
