@@ -16,8 +16,10 @@ disk (the page cache, after the first round).
   it is >= 2x the output) -> resize (torch, uint8) -> flip + AutoAugment (PIL, data/autoaugment.py) ->
   erase-box draw, seeded per sample. The rest (normalize + erase) runs once per batch on the training
   device; its CPU cost per image is printed too, for training on a CPU. Beside it, ours with
-  data.dct_downscale false (every crop decoded at full size: the whole decode's pixels) and ours
-  decoding whole images (an install without data/_jpeg);
+  data.dct_downscale false (every crop decoded at full size: the whole decode's pixels), ours
+  decoding whole images (an install without data/_jpeg), and ours on the same photographs rewritten
+  by tools/restart_markers.py (a restart marker after every MCU: only the MCUs around the crop are
+  entropy-decoded; the same pixels);
 - bare decode: PIL open + convert("RGB") of the whole file (torchvision's loader), nothing else: what
   any pipeline that decodes every pixel pays at least; torchvision's full decode (libjpeg-turbo) is
   printed beside it.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -48,7 +51,7 @@ from bench.common import machine  # noqa: E402
 from data import classification  # noqa: E402
 from data.classification import (IMAGENET_MEAN, IMAGENET_STD, BatchTransform, ClassificationDataConfig,  # noqa: E402
                                  ImageFolder, TrainTransform, decode)
-from tools import make_photos  # noqa: E402
+from tools import make_photos, restart_markers  # noqa: E402
 
 PHOTOS = ROOT / "photo_data"  # git-ignored; built once by tools/make_photos.py
 
@@ -153,6 +156,10 @@ def main(argv=None) -> dict:
         for i in indices:
             exact[(0, picked[i])]
 
+    def run_restarted(indices):  # the same photographs rewritten by tools/restart_markers.py, read from disk
+        for i in indices:
+            restarted[(0, picked[i])]
+
     def run_whole(indices):  # an install without data/_jpeg: the whole image decoded (torchvision)
         built, classification._jpeg = classification._jpeg, None
         try:
@@ -171,8 +178,14 @@ def main(argv=None) -> dict:
 
     pipelines = {"reference": run_reference, "ours": run_ours, "exact": run_exact, "whole": run_whole, "bare": run_bare,
                  "torchvision_decode": run_torchvision_decode}
+    scratch = tempfile.TemporaryDirectory(prefix="restart_markers_")
     if classification._jpeg is None:  # not built: "ours" is the whole decode already
         del pipelines["whole"]
+    else:
+        counts = restart_markers.rewrite(split, Path(scratch.name) / "train", log=lambda _: None)
+        growth = counts["bytes_after"] / counts["bytes_before"]
+        restarted = ImageFolder(Path(scratch.name) / "train", TrainTransform(cfg), seed=0, train=True)
+        pipelines["restarted"] = run_restarted
     t = fastest_of_rounds(pipelines, n, rounds=args.reps)
     batch_tf = BatchTransform(IMAGENET_MEAN, IMAGENET_STD, channels_last=True)
     items = [ours[(0, i)] for i in picked[:32]]
@@ -196,11 +209,16 @@ def main(argv=None) -> dict:
     print(f"    with data.dct_downscale false: {ips['exact']:7.1f} images/s per core")
     if "whole" in ips:
         print(f"    decoding whole images:         {ips['whole']:7.1f} images/s per core   (without data/_jpeg)")
+        print(f"    files with restart markers:    {ips['restarted']:7.1f} images/s per core   "
+              f"(tools/restart_markers.py: the same pixels, {growth:.3f}x the bytes)")
     print(f"  bare full decode (PIL):          {ips['bare']:7.1f} images/s per core")
     print(f"  bare full decode (torchvision):  {ips['torchvision_decode']:7.1f} images/s per core")
     print(f"  ratio ours / reference:          {ips['ours'] / ips['reference']:.2f}")
     print(f"  ratio ours / bare decode (PIL):  {ips['ours'] / ips['bare']:.2f}   "
           f"(/ torchvision's: {ips['ours'] / ips['torchvision_decode']:.2f})")
+    if "restarted" in ips:
+        print(f"  with restart markers:            {ips['restarted'] / ips['reference']:.2f} x the reference, "
+              f"{ips['restarted'] / ips['bare']:.2f} x the bare PIL decode (of the original files)")
     print(f"  ours, batch part on this CPU:    {batch_ms:.3f} ms/image (on a GPU it runs on the device); "
           f"ratio with it charged to the worker: {(1e3 / ips['reference']) / (1e3 / ips['ours'] + batch_ms):.2f}")
     print("  pixels, ours - reference, same draws (uint8 levels):")
@@ -208,6 +226,7 @@ def main(argv=None) -> dict:
         print(f"    {label + ':':21s} after crop+resize+flip mean {d['crop_mean']:.3f}, max {d['crop_max']}, "
               f"{100 * d['crop_over8']:.3f}% of values > 8; after AutoAugment mean {d['aa_mean']:.3f}, "
               f"max {d['aa_max']}, {100 * d['aa_over8']:.3f}% > 8")
+    scratch.cleanup()
     return {**ips, "ratio": ips["ours"] / ips["reference"], "ratio_bare": ips["ours"] / ips["bare"], **diff,
             "exact": {"ratio": ips["exact"] / ips["reference"], **diff_exact}}
 

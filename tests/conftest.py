@@ -21,6 +21,15 @@ def toy_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """24 natural photographs at ImageNet's size distribution (tools/make_photos.py), made once per
+    session: the ImageFolder split (one class folder per tenth of the files)."""
+    from tools.make_photos import write
+
+    return write(tmp_path_factory.mktemp("photos"), n=24, seed=0)
+
+
+@pytest.fixture(scope="session")
 def toy_backbone(toy_data, tmp_path_factory) -> Path:
     """A classification checkpoint of MobileNetV3-Large (width 1.0, 10 classes) trained 2 epochs on
     the toy ImageNet at 64 px: the `model.backbone_weights` of the toy detection/segmentation runs."""

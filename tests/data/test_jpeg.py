@@ -35,6 +35,7 @@ def _rectangles(h: int, w: int, rng: np.random.Generator) -> list[tuple[int, int
     """Random crops, the whole image, one pixel at each corner, and crops touching each edge."""
     rects = [(0, 0, h, w), (0, 0, 1, 1), (h - 1, w - 1, 1, 1), (0, w - 7, 9, 7), (h - 9, 0, 9, 17),
              (1, 1, h - 2, w - 2), (16, 16, 16, 16), (15, 17, 33, 31)]
+    rects = [(t, l, ch, cw) for t, l, ch, cw in rects if t >= 0 and l >= 0 and t + ch <= h and l + cw <= w]
     for _ in range(12):
         ch, cw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
         rects.append((int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw))
@@ -165,3 +166,50 @@ def test_the_training_item_takes_the_partial_decode_with_the_reference_draws(pho
             diffs.append(diff.mean().item())
     # the crop's edges move by < d source pixels: a shift of up to 1 output pixel on textured photographs
     assert diffs and max(diffs) < 8 and 1 < np.mean(diffs) < 4  # docs/data.md: about 2.7 levels mean
+
+
+def _segment0(jpeg: bytes) -> tuple[int, int]:
+    """Where the first MCU's entropy-coded bytes lie in a file with a restart marker after every MCU."""
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+    return start, jpeg.index(b"\xff\xd0", start)
+
+
+def test_a_file_with_restart_markers_gives_the_same_pixels_and_decodes_only_the_mcus_around_the_crop(photos):
+    """restart() keeps the coefficients (the same pixels, whole or cropped, at every scale); a crop of such
+    a file reads only the MCUs around it: with the first MCU's data destroyed, a crop away from it still
+    decodes exactly, one that needs it does not (libjpeg warns: None), nor does the whole file."""
+    rng = np.random.default_rng(2)
+    files = sorted(photos.rglob("*.jpg"))
+    datas = {f.name: f.read_bytes() for f in files[:5]} | _variants(Image.open(files[4]).convert("RGB"))
+    for name, data in datas.items():
+        if _jpeg.size(data) is None:
+            assert _jpeg.restart(data) is None, name  # CMYK: not taken, the file stays as it is
+            continue
+        rst = _jpeg.restart(data)
+        assert rst != data and 0.9 < len(rst) / len(data) < 1.15, name  # (a progressive file: 1.11)
+        full = decode_bytes(data, name)
+        assert torch.equal(decode_bytes(rst, name), full), name  # torchvision's decoder: the same pixels
+        h, w = _jpeg.size(rst)
+        for top, left, ch, cw in _rectangles(h, w, rng):
+            got = torch.frombuffer(_jpeg.crop(rst, top, left, ch, cw, 1), dtype=torch.uint8)
+            assert torch.equal(got.view(ch, cw, 3).permute(2, 0, 1), full[:, top:top + ch, left:left + cw]), \
+                (name, top, left, ch, cw)
+        for d in (2, 4, 8):
+            im = Image.open(io.BytesIO(data))
+            im.draft(im.mode, (w // d, h // d))
+            if im.size != (-(-w // d), -(-h // d)):
+                continue
+            scaled = np.asarray(im.convert("RGB"))
+            for top, left, ch, cw in _rectangles(*scaled.shape[:2], rng)[:6]:
+                out = np.frombuffer(_jpeg.crop(rst, top, left, ch, cw, d), np.uint8).reshape(ch, cw, 3)
+                assert np.array_equal(out, scaled[top:top + ch, left:left + cw]), (name, d, top, left, ch, cw)
+    rst = _jpeg.restart(datas["420"])
+    start, end = _segment0(rst)
+    broken = rst[:start] + b"\x00" + rst[end:]  # MCU (0, 0): one byte where a whole block's codes were
+    h, w = _jpeg.size(rst)
+    full = decode_bytes(datas["420"], "420")
+    far = _jpeg.crop(broken, 64, 64, h - 64, w - 64, 1)
+    assert torch.equal(torch.frombuffer(far, dtype=torch.uint8).view(h - 64, w - 64, 3).permute(2, 0, 1),
+                       full[:, 64:, 64:])
+    assert _jpeg.crop(broken, 0, 0, 40, 40, 1) is None and _jpeg.crop(broken, 0, 0, h, w, 1) is None
