@@ -51,10 +51,12 @@ def exact_resize(transform: nn.Module, image: torch.Tensor, target=None):
     and its detections move by 0.3 px and their scores by 0.01 (seen on the toy val set). Here the graph
     computes the output size as eager PyTorch does (float64) and resizes to it."""
     shape = torch._shape_as_tensor(image)[-2:].to(torch.float64)
-    # tensors, not Python floats: the tracer would turn `float / tensor` into a float32 Reciprocal and Mul
-    lo = torch.tensor(float(transform.min_size[-1]), dtype=torch.float64)
-    hi = torch.tensor(float(transform.max_size), dtype=torch.float64)
-    scale = torch.minimum(lo / shape.min(), hi / shape.max())
+    # one-element tensors, neither Python floats (the tracer turns `float / tensor` into a float32 Reciprocal
+    # and Mul) nor 0-d tensors (the exporter treats those as scalars and casts the division to float32: a
+    # 183 px side scaled to 160 became 159, and every box moved by 0.6%)
+    lo = torch.full((1,), float(transform.min_size[-1]), dtype=torch.float64)
+    hi = torch.full((1,), float(transform.max_size), dtype=torch.float64)
+    scale = torch.minimum(lo / shape.amin(0, keepdim=True), hi / shape.amax(0, keepdim=True))
     size = torch.floor(shape * scale).to(torch.int64)
     image = F.interpolate(image[None], size=(size[0], size[1]), mode="bilinear", align_corners=False)[0]
     return image, target
