@@ -155,16 +155,28 @@ def _export_and_check(src: Source, fmt: str, tmp: Path, log) -> tuple[dict, dict
         extra["int8"] = {"from": f"the eager int8 model ({backend})", "reference": "eager int8 model"}
     else:
         float_model = build_qat_float(src)
-        log(f"quantizing with PT2E (XNNPACKQuantizer), calibrating on up to "
-            f"{cfg.qat.calibration_batches * cfg.data.batch_size} training images ...")
-        converted, seen = et.quantize_pt2e(float_model, torch.zeros(2, 3, crop, crop), check.calibration_batches(src))
-        buffer, graph = et.export_int8(converted, torch.zeros(1, 3, crop, crop))
+        example = torch.zeros(2, 3, crop, crop)
+        if task == "qat":  # the QAT weights with the roundings they were trained for: the eager model's qparams
+            log(f"quantizing with PT2E (XNNPACKQuantizer), every scale and zero point carried from the eager int8 "
+                f"model ({backend}) ...")
+            converted, info = et.quantize_pt2e(float_model, example, eager=eager)
+        else:
+            log(f"quantizing with PT2E (XNNPACKQuantizer), calibrating on up to "
+                f"{cfg.qat.calibration_batches * cfg.data.batch_size} training images ...")
+            converted, info = et.quantize_pt2e(float_model, example, check.calibration_batches(src))
+        buffer, graph = et.export_int8(converted, torch.zeros(1, 3, crop, crop), info.pop("quantizer"))
         _write(tmp, buffer)
         exported = et.runner(str(tmp))
-        weights = ("the float weights PTQ started from (model.weights)" if task == "ptq" else
-                   "the eager QAT checkpoint's trained float weights (fake quantization removed)")
-        extra["int8"] = {"flow": "PT2E post-training quantization", "weights": weights, "calibration_images": seen,
-                         "reference": f"eager int8 model ({backend}) of the published {task.upper()} row"}
+        if task == "ptq":
+            extra["int8"] = {"flow": "PT2E post-training quantization",
+                             "weights": "the float weights PTQ started from (model.weights)",
+                             "qparams": "calibrated (XNNPACK quantizer's observers)", **info}
+        else:
+            extra["int8"] = {"flow": "PT2E quantization of the QAT weights",
+                             "weights": "the eager QAT checkpoint's trained float weights (fake quantization removed)",
+                             "qparams": f"carried from the eager int8 model ({backend}): its weight scales and "
+                                        "learned activation ranges", **info}
+        extra["int8"]["reference"] = f"eager int8 model ({backend}) of the published {task.upper()} row"
     log(f"checking {tmp.name} on the val set against the eager int8 model ...")
     result = check.check_classification(reference, exported, check.classification_batches(src), int8=True)
     return graph, result, extra

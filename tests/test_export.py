@@ -77,6 +77,24 @@ def cls_onnx(toy_backbone, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def small_pte(toy_data, tmp_path_factory) -> tuple[Path, dict]:
+    """A MobileNetV3-Small classification run (torchvision's initialization: lowering the smaller network to
+    XNNPACK takes half the time of the Large one) exported to ExecuTorch; returns (file, state dict)."""
+    import train_classification
+    from engine.config import load_config
+
+    cfg = load_config(train_classification.Config, ROOT / "recipes/toy/classification.yaml",
+                      [f"data.root={toy_data / 'imagenet'}", "model.name=mobilenet_v3_small"])
+    torch.manual_seed(0)
+    state = train_classification.build_model(cfg).state_dict()
+    run = write_run(tmp_path_factory.mktemp("small"), cfg, state)
+    code, stdout, stderr = export(run, run, "--format", "executorch")
+    assert code == 0, stderr
+    assert "checked on 100 val images" in stdout
+    return run / "export" / "mobilenet_v3_small.pte", state
+
+
+@pytest.fixture(scope="module")
 def qat_run(toy_backbone, toy_data, tmp_path_factory) -> Path:
     """A QAT run directory built directly: MobileNetV3-Large at torchvision's initialization with the
     BatchNorm statistics of the 100 toy training images (features that differ from image to image), its
@@ -213,12 +231,31 @@ def test_classification_onnx_matches_torchvision_and_records_its_source(cls_onnx
     assert info["graph"]["exporter"] == "dynamo"
 
 
+def test_classification_pte_matches_torchvision_in_executorch(small_pte, toy_data):
+    import torchvision
+    from executorch.runtime import Runtime
+
+    pte, state = small_pte
+    oracle = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    oracle.load_state_dict(state)
+    x, _ = val_batch(toy_data, 8)
+    with torch.no_grad():
+        ref = oracle(x)
+    method = Runtime.get().load_program(str(pte)).load_method("forward")
+    out = torch.cat([method.execute([x[i:i + 1]])[0] for i in range(len(x))])  # batch 1, as a device runs it
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-3
+    info = sidecar(pte)
+    assert (info["runtime"], info["precision"], info["graph"]["backend"]) == ("executorch", "float32", "XNNPACK")
+    assert info["model"] == "mobilenet_v3_small" and info["preprocessing"]["center_crop"] == 64
+    assert info["check"]["max_abs_diff"] <= info["check"]["tolerance"]["logits"] == 1e-3
+    assert info["check"]["acc1_export"] == info["check"]["acc1_pytorch"]
+
+
 # ============================================================================ int8
 
 
-def eager_int8_acc1(qat_run: Path, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+def eager_int8(qat_run: Path) -> nn.Module:
     """The published QAT path's int8 model (train_qat.py: prepare_qat, load, convert), qnnpack."""
-    from engine.metrics import topk_correct
     from models import build, quantize
     from models.weights import load_weights
 
@@ -226,24 +263,34 @@ def eager_int8_acc1(qat_run: Path, x: torch.Tensor, labels: torch.Tensor) -> tup
                   norm_layer=partial(nn.BatchNorm2d, eps=0.001))
     quantize.prepare_qat(model, "qnnpack", "float")
     load_weights(model, qat_run / "checkpoints" / "last.pt")
-    int8 = quantize.convert_int8(model, "qnnpack")
+    return quantize.convert_int8(model, "qnnpack")
+
+
+def acc1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    from engine.metrics import topk_correct
+
+    return 100.0 * topk_correct(logits, labels, (1,)).item() / len(labels)
+
+
+@pytest.fixture(scope="module")
+def qat_eager(qat_run, toy_data) -> tuple[torch.Tensor, torch.Tensor, nn.Module, torch.Tensor]:
+    """(the 100 toy val images, their labels, the eager int8 model, its logits on them)."""
+    from models import quantize
+
+    x, labels = val_batch(toy_data, 100)
+    model = eager_int8(qat_run)
     with quantize.engine("qnnpack"), torch.no_grad():
-        logits = int8(x)
-    return 100.0 * topk_correct(logits, labels, (1,)).item() / len(labels), logits
+        return x, labels, model, model(x)
 
 
-def test_qat_int8_onnx_is_within_one_point_of_the_eager_int8_model(qat_onnx, qat_run, cls_onnx, toy_data):
+def test_qat_int8_onnx_is_within_one_point_of_the_eager_int8_model(qat_onnx, qat_eager, cls_onnx):
     import onnx
     import onnxruntime as ort
 
-    from engine.metrics import topk_correct
-
-    x, labels = val_batch(toy_data, 100)
-    ref_acc, ref = eager_int8_acc1(qat_run, x, labels)
+    x, labels, _, ref = qat_eager
     sess = ort.InferenceSession(str(qat_onnx), providers=["CPUExecutionProvider"])
     out = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
-    acc = 100.0 * topk_correct(out, labels, (1,)).item() / len(labels)
-    assert abs(acc - ref_acc) <= 1.0, (acc, ref_acc)
+    assert abs(acc1(out, labels) - acc1(ref, labels)) <= 1.0, (acc1(out, labels), acc1(ref, labels))
     ops = {n.op_type for n in onnx.load(str(qat_onnx)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: ONNX Runtime fuses these into int8 kernels
     assert qat_onnx.stat().st_size < 0.4 * cls_onnx.stat().st_size  # int8 weights, not float ones
@@ -261,29 +308,46 @@ def test_a_failed_check_writes_nothing(qat_run, monkeypatch):
     assert not [p.name for p in qat_run.iterdir() if "failing" in p.name]
 
 
-@pytest.mark.xfail(reason="at toy scale PT2E re-quantizes the carried-over QAT weights with its own per-channel "
-                          "ranges, nearer float than qnnpack's per-tensor int8: with a classifier fitted on the qnnpack "
-                          "int8 features (which the ONNX int8 test needs) the .pte scores about 40 points below the "
-                          "eager int8 model and the export's 1-point check refuses it; a fixture confident under both "
-                          "roundings was not found (docs/export.md)", strict=False)
-def test_executorch_int8_pt2e_from_the_qat_weights(qat_run, toy_data):
-    from executorch.runtime import Runtime
+def test_pt2e_int8_of_the_qat_weights_follows_the_eager_int8_model(qat_run, qat_onnx, qat_eager):
+    """What `--format executorch` quantizes on a QAT run (deploy/export.py): the QAT checkpoint's float weights
+    through PT2E, every scale and zero point carried from the eager int8 model. The quantized graph (before
+    its XNNPACK lowering, which the float .pte test and the CLI's own check exercise) must follow the eager
+    int8 model at least as closely as ONNX Runtime's int8 kernels on the same eager model do. PT2E's own
+    calibration, the previous behaviour, agreed with it on 44 of 100 top-1, logits up to 106 apart."""
+    import onnxruntime as ort
 
-    from engine.metrics import topk_correct
+    from deploy.executorch import quantize_pt2e
+    from deploy.source import build_qat_float, resolve
+
+    x, labels, eager, ref = qat_eager
+    converted, info = quantize_pt2e(build_qat_float(resolve(qat_run)), x[:2], eager=eager)
+    with torch.no_grad():
+        out = converted(x)
+    onnx = torch.from_numpy(ort.InferenceSession(str(qat_onnx), providers=["CPUExecutionProvider"])
+                            .run(None, {"images": x.numpy()})[0])
+    agree = {k: (v.argmax(1) == ref.argmax(1)).double().mean().item() for k, v in (("pt2e", out), ("onnx", onnx))}
+    assert agree["pt2e"] >= agree["onnx"] - 0.05, agree  # measured: PT2E 0.79, ONNX 0.80 (the .pte: 0.85)
+    diff = {k: (v - ref).abs().max().item() for k, v in (("pt2e", out), ("onnx", onnx))}
+    assert diff["pt2e"] <= diff["onnx"], diff  # measured: 16 and 25
+    assert info["calibration_images"] == 0 and "per-tensor weights" in info["quantizer"]  # qnnpack's
+
+
+@pytest.mark.xfail(run=False, reason="the export refuses the QAT .pte of this fixture (Acc@1 81 vs the eager int8 "
+                                     "model's 83; 46 before the qparams were carried): its top-1 flips with any int8 "
+                                     "kernel's rounding (ONNX Runtime: 84, 80 of 100 top-1 agreeing). Not run: it "
+                                     "costs 35 CPU-s to see the refusal (docs/export.md, Known gap)")
+def test_executorch_int8_pt2e_from_the_qat_weights(qat_run, qat_eager):
+    from executorch.runtime import Runtime
 
     out = qat_run / "int8.pte"
     code, stdout, stderr = export(qat_run, qat_run, "--format", "executorch", "--out", out)
     assert code == 0, stderr
-    x, labels = val_batch(toy_data, 100)
-    ref_acc, _ = eager_int8_acc1(qat_run, x, labels)
+    x, labels, _, ref = qat_eager
     method = Runtime.get().load_program(str(out)).load_method("forward")
     logits = torch.cat([method.execute([x[i:i + 1]])[0] for i in range(len(x))])
-    acc = 100.0 * topk_correct(logits, labels, (1,)).item() / len(labels)
-    assert abs(acc - ref_acc) <= 1.0, (acc, ref_acc)
+    assert abs(acc1(logits, labels) - acc1(ref, labels)) <= 1.0
     info = sidecar(out)
-    assert info["int8"]["flow"] == "PT2E post-training quantization"
-    n_train = sum(1 for _ in (toy_data / "imagenet" / "train").rglob("*.jpg"))
-    assert info["int8"]["calibration_images"] == min(n_train, 4 * 32)  # qat.calibration_batches x data.batch_size
+    assert info["int8"]["calibration_images"] == 0 and "carried from the eager int8 model" in info["int8"]["qparams"]
 
 
 # ============================================================================ detection
@@ -346,6 +410,45 @@ def test_segmentation_onnx_matches_pytorch_at_any_size(seg_run, seg_onnx):
     assert sidecar(out)["classes"][0] == "background" and len(sidecar(out)["classes"]) == 21
 
 
+def test_deeplabv3_onnx_matches_pytorch_without_its_aux_head(toy_backbone, toy_data, tmp_path):
+    """DeepLabV3 (ASPP: its pooled branch is upsampled to the input's size, a dynamic shape) with its FCN aux
+    head, which the export leaves out; small: the val set checked at short side 64 (data.eval_size), the graph
+    run here on a non-square batch of 2. (FCN is left out for the budget: its head is the FCNHead tested
+    here as the aux head's module, through the same dynamo exporter.)"""
+    import onnx
+    import onnxruntime as ort
+    import torchvision
+
+    import train_segmentation
+    from engine.config import load_config
+
+    cfg = load_config(train_segmentation.Config, ROOT / "recipes/toy/segmentation.yaml",
+                      [f"data.root={toy_data / 'coco'}", f"data.mask_cache={toy_data / 'voc_mask_cache'}",
+                       f"model.backbone_weights={toy_backbone}", "model.name=deeplabv3_mobilenet_v3_large",
+                       "model.aux_loss=true", "data.eval_size=64"])
+    torch.manual_seed(0)
+    model = train_segmentation.build_model(cfg.model).eval()
+    assert model.aux_classifier is not None
+    run = write_run(tmp_path / "run", cfg, model.state_dict())
+    code, stdout, stderr = export(run, run, "--format", "onnx")
+    assert code == 0, stderr
+    out = run / "export" / "deeplabv3_mobilenet_v3_large.onnx"
+    oracle = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(num_classes=21, aux_loss=True,
+                                                                         weights_backbone=None)
+    oracle.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 90, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = oracle.eval()(x)["out"]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    assert got.shape == ref.shape == (2, 21, 64, 90) and (got - ref).abs().max() <= 1e-3
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["out"]  # no aux head
+    info = sidecar(out)
+    assert info["model"] == "deeplabv3_mobilenet_v3_large"
+    assert info["check"]["miou_export"] == info["check"]["miou_pytorch"]
+    assert info["preprocessing"]["resize"]["short_side"] == 64
+
+
 # ============================================================================ a fresh process
 
 
@@ -364,13 +467,13 @@ torch.save(outs, sys.argv[2])
 """
 
 
-def test_every_file_reloads_in_a_fresh_process_with_the_same_outputs(cls_onnx, qat_onnx, qat_run, det_onnx, detector,
-                                                                     seg_onnx, toy_data, tmp_path):
+def test_every_file_reloads_in_a_fresh_process_with_the_same_outputs(cls_onnx, small_pte, qat_onnx, qat_run, det_onnx,
+                                                                     detector, seg_onnx, toy_data, tmp_path):
     import onnxruntime as ort
 
     x, _ = val_batch(toy_data, 1)
     one = detector[3].index(1)  # an image with one detection
-    inputs = {str(cls_onnx): x, str(qat_onnx): x, str(det_onnx): detector[2][one],
+    inputs = {str(cls_onnx): x, str(small_pte[0]): x, str(qat_onnx): x, str(det_onnx): detector[2][one],
               str(seg_onnx): torch.randn(1, 3, 208, 240, generator=torch.Generator().manual_seed(0))}
     pte = qat_run / "int8.pte"
     if pte.exists():  # written by the ExecuTorch test
