@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -371,6 +373,47 @@ def test_detection_onnx_matches_pytorch_with_0_1_and_many_detections(det_onnx, d
     assert info["score_threshold"] == 0.05 and info["check"]["images"] == 8
     assert info["graph"]["exporter"] == "torchscript"
     assert set(info["category_ids"]) and all(int(k) > 0 for k in info["category_ids"])
+
+
+def test_the_onnx_resize_sizes_images_as_eager_pytorch_does():
+    """exact_resize in ONNX Runtime gives torchvision's eager output size for sides where a float32 scale
+    rounds down (183 px at min_size 160 -> 160 in float64, 159 in float32) and for ordinary ones."""
+    import onnxruntime as ort
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from deploy.onnx import exact_resize
+
+    transform = GeneralizedRCNNTransform(160, 256, [0.0] * 3, [1.0] * 3)
+
+    class Size(torch.nn.Module):
+        def forward(self, image):
+            return torch._shape_as_tensor(exact_resize(transform, image)[0])
+
+    path = io.BytesIO()
+    torch.onnx.export(Size(), (torch.zeros(3, 285, 183),), path, dynamo=False, opset_version=17,
+                      input_names=["image"], dynamic_axes={"image": {1: "h", 2: "w"}})
+    sess = ort.InferenceSession(path.getvalue(), providers=["CPUExecutionProvider"])
+    sizes = [(285, 183), (183, 285), (163, 184), (160, 200), (1000, 330), (97, 131), (600, 601)]
+    assert any(math.floor(float(np.float32(160) / np.float32(min(s))) * min(s)) < 160 for s in sizes)  # float32 fails
+    for h, w in sizes:
+        eager = transform.resize(torch.zeros(3, h, w), None)[0].shape
+        assert tuple(sess.run(None, {"image": np.zeros((3, h, w), np.float32)})[0]) == tuple(eager), (h, w)
+
+
+def test_near_tied_detections_are_matched_by_label_and_box_not_by_position():
+    from deploy.check import CheckFailed, match_detections
+
+    ref = {"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [5, 5, 9, 9]]),
+           "labels": torch.tensor([1, 1, 2]), "scores": torch.tensor([0.50005, 0.5, 0.3])}
+    swapped = {"boxes": ref["boxes"][[1, 0, 2]], "labels": ref["labels"][[1, 0, 2]],
+               "scores": torch.tensor([0.50002, 0.50001, 0.3])}  # scores within 1e-4: either order is right
+    assert match_detections(ref, swapped, "img")["boxes_px"] == 0.0
+    moved = {**swapped, "boxes": swapped["boxes"] + torch.tensor([0.0, 0.0, 1.0, 0.0])}
+    with pytest.raises(CheckFailed, match="boxes differ by up to 1 px"):
+        match_detections(ref, moved, "img")
+    far = {**swapped, "scores": torch.tensor([0.6, 0.50001, 0.3])}  # not a tie: a real difference
+    with pytest.raises(CheckFailed, match=r"detection 1 \(label 1, score 0.5\) has no counterpart"):
+        match_detections(ref, far, "img")
 
 
 def test_detection_to_executorch_is_refused_in_one_line(detector):
