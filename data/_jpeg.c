@@ -295,14 +295,13 @@ static PyObject *restart(PyObject *self, PyObject *args) {
         dst.err = &err.pub;
         jpeg_create_compress(&dst);
         dst_made = 1;
-        unsigned char *mem = NULL;
-        jpeg_mem_dest(&dst, &mem, &outsize);
+        /* libjpeg mallocs the output into outbuf (kept across a longjmp: volatile), freed below either way */
+        jpeg_mem_dest(&dst, (unsigned char **)&outbuf, &outsize);
         jpeg_copy_critical_parameters(&src, &dst);
         dst.restart_interval = 1;
         dst.optimize_coding = TRUE;
         jpeg_write_coefficients(&dst, coefs);
         jpeg_finish_compress(&dst);
-        outbuf = mem;
         ok = 1;
     }
     Py_END_ALLOW_THREADS
