@@ -33,9 +33,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def _wait_for_epoch_1(out: Path, proc: subprocess.Popen) -> None:
     """Until epoch 1 trains: its checkpoint, then epoch 0's row are written (a signal before the row
-    would stop the run at the end of epoch 0), and a moment for the step after."""
+    would stop the run at the end of epoch 0), and a moment for the end-of-epoch signal check after the
+    row to pass. A short one: a toy epoch takes about a second, and a signal that arrives after its last
+    step stops the run after its evaluation instead of mid-epoch (0.5 s overshot it once in CI)."""
     _wait_for(out / "metrics.jsonl", proc)
-    time.sleep(0.5)
+    time.sleep(0.05)
 
 
 def _same_weights(a: Path, b: Path) -> None:
