@@ -294,6 +294,30 @@ def test_resume_writes_the_row_of_an_epoch_whose_checkpoint_was_saved_but_not_it
     assert again.start_epoch == 1 and not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_resume_from_an_older_checkpoint_drops_the_rows_of_the_epochs_it_redoes(tmp_path):
+    """Resuming from epoch 0's checkpoint (a newer one was lost), the rows of epochs 1 and 2 go: they are
+    redone, and a row must never exist without its checkpoint; epoch 0's row stays."""
+    from engine import checkpoint
+    from engine.runlog import read_metrics
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
+    for epoch in range(3):
+        loop.start_epoch = epoch
+        _constant_losses(loop, model, 16, 8, [1.0 + epoch, 2.0])
+        loop.end_epoch(epoch, {"acc1": 10.0 * epoch}, loop.epoch_stats())
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                  tmp_path, epochs=3, log=_Rows(tmp_path))
+    state = checkpoint.load(tmp_path / "checkpoints" / "epoch_000.pt")
+    del state["row"]  # an older checkpoint without its row: the kept row is the file's own, not a rewrite
+    again.run.state, again.run.resume_path = state, tmp_path / "checkpoints" / "epoch_000.pt"
+    again.resume()
+    assert again.start_epoch == 1
+    assert [(r["epoch"], r["acc1"], r["train_loss"]) for r in read_metrics(tmp_path)] == [(0, 0.0, 1.5)]
+
+
 def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
     import signal
 
