@@ -117,6 +117,7 @@ def requeue_if_slurm(signum: int) -> str | None:
     if job is None or signum != getattr(signal, "SIGUSR1", None):
         return None
     proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return f"scontrol requeue {job} failed: {proc.stderr.strip()}"
+    if proc.returncode != 0:  # its reason (stderr was once empty in a failed requeue: stdout too)
+        said = (proc.stderr.strip() or proc.stdout.strip() or "no message")
+        return f"scontrol requeue {job} failed (exit {proc.returncode}): {said}"
     return f"requeued SLURM job {job}"

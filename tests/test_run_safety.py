@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,21 +22,18 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-def _wait_for_epoch_1(out: Path, proc: subprocess.Popen) -> None:
-    """Until epoch 1 trains: its checkpoint, then epoch 0's row are written (a signal before the row
-    would stop the run at the end of epoch 0), and a moment for the end-of-epoch signal check after the
-    row to pass. A short one: a toy epoch takes about a second, and a signal that arrives after its last
-    step stops the run after its evaluation instead of mid-epoch (0.5 s overshot it once in CI)."""
-    _wait_for(out / "metrics.jsonl", proc)
-    time.sleep(0.05)
+def _wait_for_epoch_1(proc: subprocess.Popen) -> str:
+    """Read the run's stdout until epoch 1's first optimizer step is printed (the runs below print every
+    step: run.print_freq=1), and return what was read. A signal from then on lands mid-epoch: after epoch
+    0's end-of-epoch check (a signal before it stops the run after epoch 0's evaluation) and with steps of
+    epoch 1 left. Waiting a fixed time instead raced both ways on a loaded machine."""
+    seen = []
+    while True:
+        line = proc.stdout.readline()
+        assert line, f"the run ended before epoch 1's first step: {''.join(seen)[-2000:]}{proc.stderr.read()[-2000:]}"
+        seen.append(line)
+        if line.startswith("epoch 1 1/"):
+            return "".join(seen)
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -59,16 +55,18 @@ def _fake_scontrol(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_bit_identical(toy_data, tmp_path):
     # run.global_batch=128 at 32 per step on one process: 4 micro-batches per optimizer step
-    extra = ("schedule.epochs=3", "model.stochastic_depth=0.1", "data.workers=1", "run.global_batch=128")
+    extra = ("schedule.epochs=3", "model.stochastic_depth=0.1", "data.workers=1", "run.global_batch=128",
+             "run.print_freq=1")
     ref, out = tmp_path / "ref", tmp_path / "stopped"
     assert run_script(fast(toy_data / "imagenet", ref, *extra), tmp_path).returncode == 0
     env = {**os.environ, "SLURM_JOB_ID": "4242", "PATH": f"{_fake_scontrol(tmp_path)}:{os.environ['PATH']}"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_classification.py"),
                              *fast(toy_data / "imagenet", out, *extra)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_epoch_1(out, proc)
+    before = _wait_for_epoch_1(proc)
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=240)
+    stdout = before + stdout
     assert proc.returncode == 128 + signal.SIGUSR1, stderr
     assert "stopped by SIGUSR1 at epoch" in stdout and "requeued SLURM job 4242" in stdout
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
@@ -92,7 +90,8 @@ def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_bit_identical(toy_da
 @pytest.mark.slow
 def test_sigterm_to_torchrun_two_gloo_processes_resumes_bit_identical(toy_data, tmp_path):
     # 2 processes x 32 x accumulate 2 = the same global batch of 128 as 1 process x 32 x 4 above
-    extra = ("schedule.epochs=3", "model.stochastic_depth=0.1", "data.workers=0", "run.global_batch=128")
+    extra = ("schedule.epochs=3", "model.stochastic_depth=0.1", "data.workers=0", "run.global_batch=128",
+             "run.print_freq=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(out, port):
@@ -106,9 +105,10 @@ def test_sigterm_to_torchrun_two_gloo_processes_resumes_bit_identical(toy_data, 
     assert (derived["processes"], derived["accumulate"], derived["global_batch"]) == (2, 2, 128)
     proc = subprocess.Popen(torchrun(out, 29622), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for_epoch_1(out, proc)
+    before = _wait_for_epoch_1(proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
+    stdout = before + stdout
     assert proc.returncode != 0 and "stopped by SIGTERM at epoch" in stdout, stderr[-3000:]
     state = torch.load(out / "checkpoints/last.pt", weights_only=True)
     assert state["position"]["micro"] > 0 and len(state["rng"]) == 2
