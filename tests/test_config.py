@@ -340,3 +340,43 @@ def test_field_help_lists_every_key_with_its_section_prefix():
 
     lines = _field_help(Cfg).splitlines()
     assert "  optimizer.lr: float" in lines and "  run.seed: int" in lines
+
+
+def test_help_prints_the_usage_and_every_key_and_exits_0(capsys):
+    from engine.config import cli
+
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as exit_:
+            cli(Cfg, [flag], prog="t.py")
+        out = capsys.readouterr().out.splitlines()
+        assert exit_.value.code == 0
+        assert out[0] == "usage: t.py --recipe PATH [--print-config] [--check-data] [section.key=value ...]"
+        assert "  optimizer.lr: float" in out
+
+
+def test_launch_destroys_the_process_group_main_leaves_whatever_way_it_ends(recipe, tmp_path, monkeypatch):
+    """A process group left behind keeps its store's sockets and, with NCCL, the communicators: launch()
+    destroys it after main returns, after a user error (exit 1), and after a configuration error (exit 2)."""
+    import torch.distributed as dist
+
+    from engine.errors import UserError
+    from engine.loop import launch
+
+    monkeypatch.setattr(sys, "argv", ["t.py"])
+    store = tmp_path / "store"
+
+    def main(cfg, end=None):
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        if end is not None:
+            raise end
+
+    for i, (end, code) in enumerate([(None, None), (UserError("bad input"), 1), (ConfigError(["a: bad"]), 2)]):
+        store = tmp_path / f"store{i}"
+        if code is None:
+            launch(Cfg, main, argv=["--recipe", str(recipe)])
+        else:
+            with pytest.raises(SystemExit) as exit_:
+                launch(Cfg, lambda cfg, end=end: main(cfg, end), argv=["--recipe", str(recipe)])
+            assert exit_.value.code == code
+        assert not dist.is_initialized(), end

@@ -304,3 +304,19 @@ def test_crop_draw_is_torchvisions_get_params():
             assert ours == theirs and torch.equal(after, torch.rand(1)), (size, scale, ratio, seed)
             fallbacks += min(size) < 50 and max(size) > 1000
     assert fallbacks > 0
+
+
+def test_data_section_bounds_name_the_key_and_the_range():
+    """RandomResizedCrop's scale and ratio and RandomErasing's are open at 0 (a crop or box of zero area or
+    zero aspect); scale and erasing_scale are fractions of the image (<= 1); std divides."""
+    def problems(**kw):
+        return [k for k, _ in _cfg("unused", **kw).validate()]
+
+    assert problems() == []
+    assert problems(scale=(1.0, 1.0), ratio=(1.0, 1.0)) == []  # a degenerate range is a fixed value
+    for key, bad in (("scale", (0.0, 1.0)), ("scale", (0.5, 0.4)), ("scale", (0.08, 1.01)),
+                     ("ratio", (0.0, 4 / 3)), ("erasing_scale", (0.0, 0.33)), ("erasing_ratio", (0.0, 3.3))):
+        assert problems(**{key: bad}) == [key], (key, bad)
+    message = dict(_cfg("unused", scale=(0.0, 1.0)).validate())["scale"]
+    assert message == "expected [min, max] with 0 < min <= max <= 1.0, got [0.0, 1.0]"
+    assert problems(std=(0.229, 0.0, 0.225)) == ["std"] and problems(std=(0.229, -0.1, 0.225)) == ["std"]

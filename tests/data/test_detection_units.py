@@ -150,3 +150,30 @@ def test_a_flip_probability_of_1_always_flips_and_0_never(tmp_path):
         image, target = CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=epoch)[(epoch, 0)]
         assert torch.equal(image, torch.from_numpy(pixels).permute(2, 0, 1))
         assert target["boxes"].tolist() == [[1.0, 1.0, 4.0, 3.0]]
+
+
+def test_the_train_filter_keeps_images_with_a_box_over_1_px_each_way_as_the_reference_does(tmp_path):
+    """torchvision's references/detection/coco_utils.py drops a training image when every box has a width or
+    a height <= 1 px (`_has_only_empty_bbox`)."""
+    from data.detection import read_annotations
+
+    cases = {(2, 2): True, (1.5, 1.5): True, (1, 5): False, (5, 1): False, (1, 1): False}
+    for (w, h), usable in cases.items():
+        assert read_annotations(_coco(tmp_path, [[10, 10, w, h]])).usable == [usable], (w, h)
+    assert read_annotations(_coco(tmp_path, [[10, 10, 1, 5], [20, 20, 3, 3]])).usable == [True]
+
+
+def test_the_default_box_margin_is_one_pixel(tmp_path):
+    """COCO's boxes are floats that overshoot the image by rounding; 1 px past an edge is clamped by default
+    (a recipe that does not state data.box_margin, and read_annotations without one), more is named with the
+    key that allows it."""
+    import pytest
+
+    from data.detection import DetectionDataConfig, read_annotations
+    from engine.errors import DataError
+
+    recipe = DetectionDataConfig(root="r", batch_size=1, workers=0, hflip=0.0, aspect_ratio_group_factor=-1)
+    for margin in ({}, {"box_margin": recipe.box_margin}):
+        assert read_annotations(_coco(tmp_path, [[-1, 10, 20, 20]]), **margin).boxes[0].tolist() == [[0, 10, 19, 30]]
+        with pytest.raises(DataError, match="by more than data.box_margin 1 px"):
+            read_annotations(_coco(tmp_path, [[-1.25, 10, 20, 20]]), **margin)

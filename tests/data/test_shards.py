@@ -315,3 +315,73 @@ def test_coco_annotations_that_do_not_match_the_shards_are_named(toy_data, tmp_p
     assert _message(lambda: CocoDetection(out, "val", train=False, hflip=0.0, seed=0, data_format="shards")) == expected
     assert _message(lambda: CocoVoc(out, "val", EvalTransform(48), 0, tmp_path / "masks", "shards")).startswith(
         f"{ann}: 2 image(s) have other ids than in the shard set")
+
+
+def test_the_index_format_is_version_1_and_another_version_or_kind_is_named(written, tmp_path):
+    """docs/shards.md's layout: index.json says format "mbv3-shards", version 1. Sets written today must stay
+    readable by later code (a version change is a deliberate, documented step), an index of another
+    version is refused, and so is a set of the other kind (ImageFolder vs a COCO split's files)."""
+    out = copy_set(written, tmp_path / "set")
+    path = out / "val" / "index.json"
+    doc = json.loads(path.read_text())
+    assert (doc["format"], doc["version"], doc["kind"]) == ("mbv3-shards", 1, "imagefolder")
+    assert len(shards.ShardSource(out / "val", "imagefolder").names) == len(doc["samples"]["name"])
+    assert _message(lambda: shards.ShardSource(out / "val", "files")) == (
+        f"{path}: a shard set of kind 'imagefolder'; this dataset needs 'files' (the images of a COCO split)")
+    path.write_text(json.dumps({**doc, "version": 2}))
+    assert _message(lambda: shards.ShardSource(out / "val", "imagefolder")) == (
+        f"{path}: not a shard index of format 'mbv3-shards' version 1 (found format 'mbv3-shards')")
+
+
+def test_shards_are_planned_by_tar_bytes_header_and_padding_counted():
+    """A tar member costs a 512-byte header and its data padded to 512 bytes: members of 512 bytes cost 1024,
+    so three fill a shard of 3072 bytes exactly and the fourth opens the next; a member larger than a shard
+    gets a shard of its own."""
+    assert shards.plan_shards([512] * 7, 3072) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert shards.plan_shards([511, 1, 1024], 2048) == [range(0, 2), range(2, 3)]  # 1024 + 1024, then 1536
+    assert shards.plan_shards([5000, 10, 10], 3072) == [range(0, 1), range(1, 3)]
+    assert shards.plan_shards([], 3072) == []
+
+
+def test_an_index_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
+    """Crash safety of every index and manifest write: the bytes are fsynced under the temporary name, then
+    renamed, then the directory is fsynced (a power cut leaves the old file or the whole new one)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a), str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(shards.os, "fsync", fsync)
+    monkeypatch.setattr(shards.os, "replace", replace)
+    target = tmp_path / "index.json"
+    shards._atomic_write(target, b"{}")
+    partial = str(target) + ".partial"
+    assert events == [("fsync", partial), ("replace", partial, str(target)), ("fsync", str(tmp_path))]
+    assert target.read_bytes() == b"{}"
+
+
+def test_staging_says_how_long_it_waited_for_another_process(written, tmp_path):
+    """A second caller on a node (another task of the job) waits on the lock while the first copies; when
+    it finds the copy done it says so, with the wait."""
+    import fcntl
+    import threading
+
+    logs = []
+    dest = tmp_path / "local"
+    staged = shards.stage(written, dest, log=logs.append)
+    logs.clear()
+    lock = open(dest / f".{written.name}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process staging: this open file holds the node's lock
+    threading.Timer(1.6, lambda: (fcntl.flock(lock, fcntl.LOCK_UN), lock.close())).start()
+    assert shards.stage(written, dest, log=logs.append) == staged
+    n = len(json.loads((written / "manifest.json").read_text())["files"])
+    [line] = logs
+    head, waited = line.split("; waited ")
+    assert head == f"stage: {staged} already holds {written} ({n} files)"
+    assert waited.endswith(" s for another process staging it") and 2 <= int(waited.split()[0]) <= 30, line

@@ -419,3 +419,93 @@ def test_a_signal_at_the_epochs_short_last_step_resumes_with_the_full_step_count
     assert again.epoch_stats()["optimizer_steps"] == 2
     _, _, steps, stats = _train(OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.0), 8, 4, 40, tmp_path / "ref")
     assert steps == stats["optimizer_steps"] == 2
+
+
+def test_a_fresh_start_drops_the_rows_of_a_run_that_never_reached_its_first_checkpoint(tmp_path):
+    """metrics.jsonl rows without any checkpoint (the run was killed before its first save): the run starts
+    over at epoch 0, so none of them may stay beside the rows it will write."""
+    from engine.runlog import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "acc1": 1.0}\n{"epoch": 1, "acc1": 2.0}\n')
+    loop = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                 tmp_path, epochs=3, log=_Rows(tmp_path))
+    loop.resume()  # run.state None: nothing to resume
+    assert loop.start_epoch == 0 and read_metrics(tmp_path) == []
+
+
+def test_a_checkpoint_of_another_process_count_says_which_draws_do_not_resume_and_reseeds(tmp_path, capsys):
+    """Written by 2 processes, resumed by 1: the per-rank RNG states cannot be handed out, so the run says
+    what that changes and seeds from run.seed, the epoch and the rank (seed + 1000 x epoch + rank)."""
+    from engine import checkpoint
+
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3, log=_Rows(tmp_path))
+    _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+    loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    state["rng"] = state["rng"] * 2
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                  tmp_path, epochs=3, log=_Rows(tmp_path))
+    again.run.state, again.run.resume_path = state, tmp_path / "checkpoints" / "last.pt"
+    capsys.readouterr()
+    again.resume()
+    draw = torch.rand(4)
+    assert torch.equal(draw, torch.rand(4, generator=torch.Generator().manual_seed(0 + 1000 * 1 + 0)))
+    assert ("warning: the checkpoint was written by 2 processes, this run has 1: data order and augmentation resume "
+            "exactly, dropout and stochastic-depth draws do not") in capsys.readouterr().out
+
+
+def test_the_ema_is_updated_every_ema_every_optimizer_steps(tmp_path):
+    """torchvision's reference updates its EMA after every `model_ema_steps`-th optimizer step: with 2, after
+    steps 2 and 4 of 5 (the copy is taken at those steps' weights)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    class Ema:
+        module = model
+
+        def update(self, m):
+            seen.append(m[0].weight.detach().clone())
+
+    loop = Loop(_Cfg(_Schedule(1), _run_cfg(print_freq=1000)), DistState(),
+                SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path, out_dir=tmp_path, state=None, changes={}),
+                model, opt, EpochSchedule(ScheduleConfig(epochs=1, name="constant"), opt),
+                BatchPlan(1, 8, 1, None, "none"), ema=Ema(), ema_every=2)
+    weights = []
+    loader = DataLoader(_data(40), batch_sampler=EpochBatches(SequentialSampler(range(40)), 8))
+    for x, y in loop.batches(loader, 0):
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loop.backward(loss, images=len(x))
+        weights.append(model[0].weight.detach().clone())
+    assert len(weights) == 5 and len(seen) == 2
+    assert torch.equal(seen[0], weights[1]) and torch.equal(seen[1], weights[3])
+
+
+def test_progress_lines_give_the_images_per_second_since_the_epoch_began(tmp_path, capsys, monkeypatch):
+    """A clock that moves only when the test says: 4 images per step, 10 s per step, so img_s is 0.4."""
+    import engine.loop
+
+    clock = SimpleNamespace(t=0.0)
+    monkeypatch.setattr(engine.loop.time, "perf_counter", lambda: clock.t)
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, print_freq=2, log=_Printing(tmp_path))
+    loader = DataLoader(_data(16), batch_sampler=EpochBatches(SequentialSampler(range(16)), 4))
+    for i, (x, y) in enumerate(loop.batches(loader, 0)):
+        clock.t = 10.0 * (i + 1)
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loop.backward(loss, images=len(x))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" eta ")[0] for line in lines] == ["epoch 0 2/4", "epoch 0 4/4"], lines
+    assert all(line.endswith(" img_s 0.4") for line in lines), lines
+
+
+def test_long_lists_in_messages_keep_the_first_six_and_the_last_three():
+    from engine.loop import _few
+
+    assert _few(list(range(12))) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+    assert _few(list(range(20))) == "0, 1, 2, 3, 4, 5, ..., 17, 18, 19"

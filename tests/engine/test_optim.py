@@ -210,3 +210,32 @@ def test_eps_given_as_pytorch_s_goes_inside_timm_s_root_squared():
     assert eps(name="rmsprop_tf", alpha=0.9, eps=1e-3) == pytest.approx(1e-6, rel=1e-12)
     assert eps(name="rmsprop", alpha=0.9, eps=1e-3) == 1e-3
     assert eps(name="adamw") == 1e-8 and eps(name="adamw", eps=1e-6) == 1e-6
+
+
+def test_schedule_section_is_frozen_and_names_the_negative_warm_up():
+    """Nothing writes back into the config (DESIGN rule 1); a negative warm-up is named by its own key."""
+    import dataclasses
+
+    cfg = ScheduleConfig(epochs=10, name="constant")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 20
+    assert list(ScheduleConfig(epochs=10, name="constant", warmup_epochs=-1).validate()) == [
+        ("warmup_epochs", "expected >= 0")]
+    assert list(ScheduleConfig(epochs=10, name="constant", warmup_iters=-1).validate()) == [
+        ("warmup_iters", "expected >= 0")]
+    assert list(ScheduleConfig(epochs=10, name="constant", warmup_epochs=0, warmup_iters=0).validate()) == []
+    # torchvision's LinearLR start_factor: in (0, 1] (0 would start at lr 0 and LinearLR refuses it)
+    for factor, problems in ((0.0, ["warmup_factor"]), (1.0, []), (1.5, ["warmup_factor"]), (1e-3, [])):
+        assert [k for k, _ in ScheduleConfig(epochs=10, name="constant", warmup_factor=factor).validate()] == problems
+
+
+def test_rmsprop_smoothing_constant_is_open_at_both_ends():
+    """alpha is TF's RMSProp decay (0.9 in the recipes): 0 keeps no average of squared gradients, 1 never
+    updates it; both are refused with the key and the range."""
+    def problems(alpha):
+        cfg = OptimizerConfig(name="rmsprop", lr=0.064, weight_decay=1e-5, momentum=0.9, alpha=alpha, tf_eps=1e-3)
+        return list(cfg.validate())
+
+    assert problems(0.9) == [] and problems(1e-6) == []
+    for bad in (0.0, 1.0, -0.1):
+        assert problems(bad) == [("alpha", f"expected a smoothing constant in (0, 1), got {bad}")]
