@@ -84,3 +84,17 @@ def test_a_batch_of_one_is_refused_only_where_the_model_cannot_train_on_it():
                 check_single_image_batch(small, (3, crop, crop), "X", "Y")
         else:
             check_single_image_batch(small, (3, crop, crop), "X", "Y")
+
+
+def test_the_end_marker_is_looked_for_in_the_last_64_bytes(tmp_path):
+    """Writers may pad a JPEG after its end marker (FF D9): up to 62 bytes of padding leave the marker
+    within the last 64 bytes, where the header check finds it; with more the file is decoded to be sure."""
+    path = tmp_path / "padded.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(path)
+    whole = path.read_bytes()
+    assert whole.endswith(b"\xff\xd9")
+    for padding, decoded in ((0, 0), (62, 0), (63, 1), (64, 1)):
+        path.write_bytes(whole + b"\0" * padding)
+        calls = []
+        assert image_size(str(path), _counting(calls)) == (50, 70)
+        assert len(calls) == decoded, padding

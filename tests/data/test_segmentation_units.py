@@ -40,3 +40,53 @@ def test_the_data_section_is_frozen():
     assert list(cfg.validate()) == []
     with pytest.raises(dataclasses.FrozenInstanceError):  # nothing writes back into the config
         cfg.batch_size = 2
+
+
+def test_the_mask_cache_key_is_stable_for_the_same_annotation_file():
+    """The cache folder's name: caches written by earlier runs (and by the folder and shard runs, which share
+    it) are found again only if the key of the same file and rule stays the same. A deliberate change of the
+    conversion rule changes MASK_RULE, and this golden value with it."""
+    from data.segmentation import cache_key
+
+    assert cache_key(b'{"images": [], "annotations": []}') == "df61a6c53810e44f"
+    assert cache_key(b'{"images": [], "annotations": [] }') != cache_key(b'{"images": [], "annotations": []}')
+
+
+def test_an_annotation_that_is_not_an_object_is_named_by_its_position(tmp_path):
+    import pytest
+
+    from data.segmentation import check_annotations
+    from engine.errors import DataError
+
+    doc = {"images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10}],
+           "annotations": [{"id": 5, "image_id": 1, "category_id": 5, "area": 4.0,
+                            "segmentation": [[1, 1, 4, 1, 4, 4]]}, "not an annotation"]}
+    with pytest.raises(DataError) as err:
+        check_annotations(doc, tmp_path / "instances.json")
+    assert str(err.value) == (f"{tmp_path / 'instances.json'}: 1 problem with its images or annotations:\n"
+                              "  annotations[1] is not an object")
+
+
+def test_a_mask_cache_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A failure between the temporary file and its rename (here the rename itself) removes the temporary
+    file, so concurrent and later runs never find half-written masks or litter."""
+    import os
+
+    import numpy as np
+    import pytest
+
+    from data import segmentation
+    from data.segmentation import MaskCache
+
+    cache = MaskCache(tmp_path, "val", "k")
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(segmentation.os, "replace", fail)
+    with pytest.raises(OSError):
+        cache.get(3, lambda: np.ones((4, 5), dtype=np.uint8))
+    assert os.listdir(tmp_path / "val-k") == []
+    monkeypatch.undo()
+    assert cache.get(3, lambda: np.full((4, 5), 7, dtype=np.uint8)).unique().tolist() == [7]
+    assert os.listdir(tmp_path / "val-k") == ["3.png"]

@@ -385,3 +385,17 @@ def test_staging_says_how_long_it_waited_for_another_process(written, tmp_path):
     head, waited = line.split("; waited ")
     assert head == f"stage: {staged} already holds {written} ({n} files)"
     assert waited.endswith(" s for another process staging it") and 2 <= int(waited.split()[0]) <= 30, line
+
+
+def test_a_split_whose_index_was_written_is_kept_when_the_writer_resumes(folder, written, tmp_path, capsys):
+    """Killed after the train split's index (its last file) and before the val split: the rerun keeps train
+    as it is, without re-reading it, writes val, and ends with the uninterrupted writer's set."""
+    out = copy_set(written, tmp_path / "set")
+    (out / "manifest.json").unlink()
+    shutil.rmtree(out / "val")
+    train_files = {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()}
+    capsys.readouterr()
+    assert make_shards.main([str(folder), str(out), "--shard-size", "64KB"]) == 0
+    assert f"{out / 'train'}: complete (index.json present), kept" in capsys.readouterr().out.splitlines()
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()} == train_files
+    assert (out / "manifest.json").read_bytes() == (written / "manifest.json").read_bytes()

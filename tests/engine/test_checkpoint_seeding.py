@@ -165,3 +165,36 @@ def test_plain_state_dicts_and_reference_script_checkpoints_load_as_weights(tmp_
     torch.save({"epoch": 3, "notes": "x"}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="neither a state dict nor a project checkpoint"):
         checkpoint.load(tmp_path / "other.pth")
+
+
+def test_last_pt_falls_back_to_a_second_save_where_a_hard_link_fails(tmp_path, monkeypatch):
+    """link_or_save makes last.pt the epoch's checkpoint: a hard link, or (file systems without links, a
+    rename that fails) an atomic second save; either way no temporary file stays."""
+    obj = checkpoint.new({"w": torch.arange(4.0)}, epoch=3, config={})
+    src, dst = tmp_path / "epoch_003.pt", tmp_path / "last.pt"
+    checkpoint.save(obj, src)
+    checkpoint.link_or_save(src, dst, obj)
+    assert os.stat(dst).st_ino == os.stat(src).st_ino  # linked: no second write
+
+    def no_links(a, b):
+        raise OSError(1, "Operation not permitted")
+
+    dst.unlink()
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    checkpoint.link_or_save(src, dst, obj)
+    assert os.stat(dst).st_ino != os.stat(src).st_ino and torch.equal(checkpoint.load(dst)["model"]["w"], torch.arange(4.0))
+    monkeypatch.undo()
+
+    real_replace, calls = os.replace, []
+
+    def first_replace_fails(a, b):  # the link is made, its rename onto last.pt fails
+        calls.append(a)
+        if len(calls) == 1:
+            raise OSError(18, "Invalid cross-device link")
+        real_replace(a, b)
+
+    dst.unlink()
+    monkeypatch.setattr(checkpoint.os, "replace", first_replace_fails)
+    checkpoint.link_or_save(src, dst, obj)
+    assert checkpoint.load(dst)["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_003.pt", "last.pt"]

@@ -99,3 +99,45 @@ def test_device_names(monkeypatch):
     assert distributed.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="run.device='cuda:1' but CUDA is not available"):
         distributed.resolve_device("cuda:1")
+
+
+_TWO_RANKS = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from engine import distributed
+from engine.distributed import DistState
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+state = DistState(rank=rank, world_size=2)
+total = distributed.all_reduce_sum(torch.tensor([1.0 + rank, 10.0 * rank]), state).tolist()
+top = distributed.all_reduce_max(torch.tensor([5.0 - rank, float(rank)]), state).tolist()
+every = distributed.all_gather_object({"rank": rank}, state)
+distributed.shutdown()
+print(total, top, every, dist.is_initialized())
+"""
+
+
+def test_collectives_over_two_real_gloo_ranks(tmp_path):
+    """Two processes in a real gloo group: sums and maxima across ranks, and every rank's object in rank order."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS, str(r), str(tmp_path / "store"), str(ROOT)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    for out, _ in outs:
+        assert out.strip() == "[3.0, 10.0] [5.0, 1.0] [{'rank': 0}, {'rank': 1}] False"
+
+
+def test_a_group_waits_30_minutes_for_a_slow_rank(env, groups):
+    """The collective timeout (docs/cluster.md): long enough for rank 0's checkpoint save and a full
+    evaluation, short enough that a dead rank ends the job within the hour."""
+    import datetime
+
+    env(RANK=0, WORLD_SIZE=2, LOCAL_RANK=0)
+    distributed.init("cpu")
+    [(_, kw)] = groups
+    assert kw["timeout"] == datetime.timedelta(minutes=30)

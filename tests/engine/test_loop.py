@@ -509,3 +509,44 @@ def test_long_lists_in_messages_keep_the_first_six_and_the_last_three():
 
     assert _few(list(range(12))) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
     assert _few(list(range(20))) == "0, 1, 2, 3, 4, 5, ..., 17, 18, 19"
+
+
+def test_the_ema_weights_are_restored_on_resume(tmp_path):
+    """The checkpoint holds the EMA model; a resumed run continues averaging from it, not from a fresh copy."""
+    from engine import checkpoint
+
+    class Ema:
+        def __init__(self, seed):
+            torch.manual_seed(seed)
+            self.module = nn.Linear(6, 3)
+
+        def update(self, m):
+            pass
+
+    model, ema = _model(), Ema(1)
+    loop = Loop(_Cfg(_Schedule(3), _run_cfg(print_freq=1000)), DistState(),
+                SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None,
+                                changes={}),
+                model, torch.optim.SGD(model.parameters(), lr=0.1),
+                EpochSchedule(ScheduleConfig(epochs=3, name="constant"), torch.optim.SGD(model.parameters(), lr=0.1)),
+                BatchPlan(1, 8, 1, None, "none"), ema=ema)
+    _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+    loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    fresh = Ema(2)
+    assert not torch.equal(fresh.module.weight, ema.module.weight)
+    again = Loop(_Cfg(_Schedule(3), _run_cfg(print_freq=1000)), DistState(),
+                 SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path,
+                                 state=checkpoint.load(tmp_path / "checkpoints" / "last.pt"), changes={},
+                                 resume_path=tmp_path / "checkpoints" / "last.pt"),
+                 _model(), torch.optim.SGD(_model().parameters(), lr=0.1),
+                 EpochSchedule(ScheduleConfig(epochs=3, name="constant"), torch.optim.SGD(_model().parameters(), lr=0.1)),
+                 BatchPlan(1, 8, 1, None, "none"), ema=fresh)
+    again.resume()
+    assert torch.equal(fresh.module.weight, ema.module.weight) and torch.equal(fresh.module.bias, ema.module.bias)
+
+
+def test_a_fixed_accumulation_of_1_is_a_plain_step_and_0_is_refused():
+    plan = plan_batch(_run_cfg(), 32, 1, "none", 2)
+    assert (plan.accumulate, plan.global_batch) == (1, 64)
+    with pytest.raises(ConfigError, match="train.accumulate: expected 'auto' or a count >= 1, got 0"):
+        plan_batch(_run_cfg(), 32, 0, "none", 2)

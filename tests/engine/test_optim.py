@@ -239,3 +239,13 @@ def test_rmsprop_smoothing_constant_is_open_at_both_ends():
     assert problems(0.9) == [] and problems(1e-6) == []
     for bad in (0.0, 1.0, -0.1):
         assert problems(bad) == [("alpha", f"expected a smoothing constant in (0, 1), got {bad}")]
+
+
+def test_nesterov_needs_sgd_with_momentum():
+    def problems(**kw):
+        base = dict(name="sgd", lr=0.1, weight_decay=0.0, momentum=0.9, nesterov=True)
+        return [k for k, _ in OptimizerConfig(**{**base, **kw}).validate()]
+
+    assert problems() == []
+    assert problems(momentum=0.0) == ["nesterov"]
+    assert problems(name="adamw", momentum=0.0) == ["nesterov"]

@@ -1,0 +1,139 @@
+"""engine/preemption.py's requeue: `scontrol requeue JOB` run as SLURM's own command would be, here a stand-in
+`scontrol` executable on PATH that records its arguments and answers as told (the real one is exercised
+against a real SLURM in tests/test_slurm_real.py); the signal policy of loader workers, the handlers, the
+agreement over a process group and the exit-time kill of daemonic children, in-process."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine.preemption import requeue_if_slurm
+
+
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "argv"
+
+    def answer(code: int, stdout: str = "", stderr: str = ""):
+        script = bin_dir / "scontrol"
+        script.write_text(f"#!/bin/sh\necho \"$@\" > {log}\nprintf '{stdout}'\nprintf '{stderr}' >&2\nexit {code}\n")
+        script.chmod(0o755)
+        return log
+
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return answer
+
+
+def test_usr1_in_a_batch_job_requeues_it(scontrol):
+    log = scontrol(0)
+    assert requeue_if_slurm(signal.SIGUSR1) == "requeued SLURM job 4242"
+    assert log.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_failed_requeue_says_why_from_stderr_or_stdout_or_that_it_said_nothing(scontrol):
+    scontrol(1, stderr="Requested operation is presently disabled")
+    assert requeue_if_slurm(signal.SIGUSR1) == ("scontrol requeue 4242 failed (exit 1): Requested operation is "
+                                                "presently disabled")
+    scontrol(2, stdout="Job is no longer requeueable")
+    assert requeue_if_slurm(signal.SIGUSR1) == "scontrol requeue 4242 failed (exit 2): Job is no longer requeueable"
+    scontrol(1)
+    assert requeue_if_slurm(signal.SIGUSR1) == "scontrol requeue 4242 failed (exit 1): no message"
+
+
+def test_sigterm_and_processes_outside_a_job_are_not_requeued(scontrol, monkeypatch):
+    log = scontrol(0)
+    assert requeue_if_slurm(signal.SIGTERM) is None  # scancel's signal; a preempting partition requeues itself
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert requeue_if_slurm(signal.SIGUSR1) is None
+    assert not log.exists()
+
+
+class _Dispositions(torch.utils.data.Dataset):
+    """What a loader worker sees: each preemption signal's handler and whether it is blocked."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from engine.preemption import SIGNALS
+
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return torch.tensor([[signal.getsignal(s) == signal.SIG_IGN, s in blocked] for s in SIGNALS])
+
+
+def test_loader_workers_ignore_the_preemption_signals_and_the_main_process_keeps_its_mask():
+    from engine.preemption import SIGNALS, covers, data_loader
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader = data_loader(_Dispositions(), num_workers=1, batch_size=None)
+    [seen] = list(loader)
+    assert seen.tolist() == [[True, False]] * len(SIGNALS)  # ignored, and no longer blocked
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # blocked only while the workers start
+    assert covers(loader) and covers(torch.utils.data.DataLoader([1], num_workers=0))
+    assert not covers(torch.utils.data.DataLoader([1], num_workers=1))
+    with pytest.raises(TypeError, match="sets worker_init_fn itself"):
+        data_loader(_Dispositions(), num_workers=1, worker_init_fn=print)
+
+
+def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once(capsys):
+    from engine.preemption import Preemption
+
+    p = Preemption(distributed=False)
+    try:
+        assert p.agreed() == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert p.agreed() == signal.SIGTERM
+        assert "received SIGTERM: stopping at the next optimizer step" in capsys.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C after a SIGTERM: recorded like it
+        assert p.agreed() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        p.restore()
+
+
+def test_ranks_agree_through_the_process_group(tmp_path):
+    """With a process group, agreed() is a MAX over ranks (a 1-rank gloo group here; 2 ranks run in
+    tests/test_run_safety.py)."""
+    import torch.distributed as dist
+
+    from engine.preemption import Preemption
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    p = Preemption(distributed=True)
+    try:
+        assert p._group is dist.group.WORLD and p.agreed() == 0
+        p.signum = signal.SIGUSR1
+        assert p.agreed() == signal.SIGUSR1
+    finally:
+        p.restore()
+        dist.destroy_process_group()
+
+
+def _stubborn():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def test_daemonic_children_are_killed_at_exit_even_if_they_ignore_sigterm():
+    import multiprocessing
+
+    from engine.preemption import _kill_children_at_exit
+
+    child = multiprocessing.get_context("fork").Process(target=_stubborn, daemon=True)
+    child.start()
+    time.sleep(0.5)
+    previous = signal.getsignal(signal.SIGCHLD)
+    try:
+        started = time.monotonic()
+        _kill_children_at_exit()
+        assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+        assert time.monotonic() - started < 5
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
