@@ -7,13 +7,26 @@ images as float [0, 1] tensors of their own sizes (the detector resizes and norm
 
 Tolerances (TOLERANCE): float exports must match PyTorch's logits / segmentation logits within an
 absolute difference and give the same Acc@1 / mIoU on the val set; int8 exports must be within 1 point of
-Acc@1 of the eager int8 model (the published row's model); detections must match one for one (same count,
-same labels, boxes and scores within the tolerance).
+Acc@1 of the eager int8 model (the published row's model), or not shown to differ from it by the paired
+test below; detections must match one for one (same count, same labels, boxes and scores within the
+tolerance).
+
+The int8 rule and small val sets. int8 kernels round differently (qnnpack, ONNX Runtime, XNNPACK), so a
+faithful export still flips the top-1 of near-tied images, in both directions. On ImageNet's 50,000 val
+images one point is 500 images and the flips cancel far below it; on a 100-image val set one point is one
+image, and ONNX Runtime running the very same eager int8 model moved a toy run's Acc@1 by 2. So a
+difference of more than 1 point fails only when it is also more than such flips explain. Of the images
+exactly one of the two gets right (b only the export, c only the eager model), a faithful export's are
+equally likely either way; the difference fails when the exact two-sided McNemar (sign) test of b against
+c gives p < 0.05. On ImageNet that is the 1-point rule as it stands (1 point is 500 images net: p < 1e-6
+even if 10,000 images flip); a broken export (wrong scales, layout or preprocessing) loses tens of points
+with nearly every flip one way (p < 1e-9 on 100 images).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -25,7 +38,7 @@ from engine.distributed import DistState
 TOLERANCE = {
     "classification": {"logits": 1e-3},     # and Acc@1 equal
     "segmentation": {"logits": 1e-3},       # and mIoU equal
-    "int8": {"acc1_points": 1.0},           # |Acc@1(export) - Acc@1(eager int8)| <= 1 point
+    "int8": {"acc1_points": 1.0, "mcnemar_p": 0.05},  # |Acc@1 difference| <= 1 point, or p >= 0.05 (above)
     "detection": {"boxes_px": 0.05, "scores": 1e-4},  # and the same number of detections and labels
 }
 
@@ -92,6 +105,16 @@ def detection_images(src: Source) -> Iterator[torch.Tensor]:
 # ============================================================================ comparisons
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """The exact two-sided McNemar (sign) test of b against c discordant pairs: the probability, if each of
+    the b + c were equally likely to go either way, of a split at least as uneven."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2.0 * tail)
+
+
 def _acc1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """As the scripts count it (engine.metrics: topk, whose tie-break int8 logits often need)."""
     from engine.metrics import topk_correct
@@ -102,7 +125,8 @@ def _acc1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 @torch.no_grad()
 def check_classification(reference: Callable, exported: Callable, batches, int8: bool) -> dict:
     """reference/exported: (N, 3, H, W) -> logits (N, C). Float: logits within the tolerance and Acc@1
-    equal; int8: Acc@1 within 1 point of the reference (the eager int8 model)."""
+    equal; int8: Acc@1 within 1 point of the reference (the eager int8 model), or the difference not
+    significant by the paired test (module docstring)."""
     ref, out, labels = [], [], []
     for x, y in batches:
         ref.append(reference(x).float())
@@ -114,10 +138,16 @@ def check_classification(reference: Callable, exported: Callable, batches, int8:
               "acc1_pytorch": _acc1(ref, labels), "acc1_export": _acc1(out, labels)}
     if int8:
         tol = TOLERANCE["int8"]
-        result["tolerance"] = tol
-        if abs(result["acc1_export"] - result["acc1_pytorch"]) > tol["acc1_points"]:
+        right_ref, right_out = (x.topk(1, dim=1).indices[:, 0] == labels for x in (ref, out))  # as _acc1 counts
+        b, c = int((right_out & ~right_ref).sum()), int((right_ref & ~right_out).sum())
+        result.update(tolerance=tol, only_export_right=b, only_pytorch_right=c, mcnemar_p=mcnemar_p(b, c))
+        apart = abs(result["acc1_export"] - result["acc1_pytorch"])
+        if apart > tol["acc1_points"] and result["mcnemar_p"] < tol["mcnemar_p"]:
             raise CheckFailed(f"int8 Acc@1 {result['acc1_export']:.2f} vs the eager int8 model's "
-                              f"{result['acc1_pytorch']:.2f}: more than {tol['acc1_points']} point apart")
+                              f"{result['acc1_pytorch']:.2f} on {len(labels)} images: more than "
+                              f"{tol['acc1_points']} point apart, and more than rounding flips explain ({b} "
+                              f"image(s) only the export gets right, {c} only the eager model: McNemar p = "
+                              f"{result['mcnemar_p']:.2g} < {tol['mcnemar_p']})")
     else:
         tol = TOLERANCE["classification"]
         result["tolerance"] = tol
