@@ -109,7 +109,8 @@ def check_images(paths: Sequence[str], check: Callable[[str], object], workers: 
     """`--check-data`: run `check` (a decode, with a size check where sizes are known) on each path
     (torchvision's decoders release the GIL, so threads run in parallel); raise a DataError listing every
     file that fails (`check` raises DataError naming the file and the reason)."""
-    log.info(f"--check-data: decoding {len(paths)} images with {max(workers, 1)} threads")
+    threads = max(workers, 1)
+    log.info(f"--check-data: decoding {len(paths)} images with {threads} thread{'s' if threads > 1 else ''}")
 
     def problem(path: str) -> str | None:
         try:
@@ -118,7 +119,7 @@ def check_images(paths: Sequence[str], check: Callable[[str], object], workers: 
             return str(exc)
         return None
 
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         problems = [p for p in pool.map(problem, paths, chunksize=64) if p is not None]
     _raise(problems, len(paths), "--check-data")
     log.info(f"--check-data: all {len(paths)} images decode")

@@ -98,3 +98,22 @@ def test_the_end_marker_is_looked_for_in_the_last_64_bytes(tmp_path):
         calls = []
         assert image_size(str(path), _counting(calls)) == (50, 70)
         assert len(calls) == decoded, padding
+
+
+def test_check_data_says_how_many_images_it_decodes_and_with_how_many_threads(tmp_path):
+    from engine.datacheck import check_images
+
+    class Log:
+        lines = []
+
+        def info(self, text):
+            self.lines.append(text)
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((4, 5, 3), i, dtype=np.uint8)).save(paths[-1])
+    check_images(paths, decode, 0, Log())
+    check_images(paths, decode, 4, Log())
+    assert Log.lines == ["--check-data: decoding 3 images with 1 thread", "--check-data: all 3 images decode",
+                         "--check-data: decoding 3 images with 4 threads", "--check-data: all 3 images decode"]

@@ -320,3 +320,61 @@ def test_data_section_bounds_name_the_key_and_the_range():
     message = dict(_cfg("unused", scale=(0.0, 1.0)).validate())["scale"]
     assert message == "expected [min, max] with 0 < min <= max <= 1.0, got [0.0, 1.0]"
     assert problems(std=(0.229, 0.0, 0.225)) == ["std"] and problems(std=(0.229, -0.1, 0.225)) == ["std"]
+
+
+def test_erasing_that_finds_no_box_leaves_the_image_as_torchvision_does():
+    """RandomErasing.get_params gives up after 10 draws and returns the whole image with the image itself as
+    the value (forward then returns the input unchanged): no box. Here no box of 98-100% of a square image
+    with an aspect ratio of 8-9 exists."""
+    from torchvision.transforms import RandomErasing
+
+    tf = TrainTransform(_cfg("unused", random_erasing=1.0, erasing_scale=(0.98, 1.0), erasing_ratio=(8.0, 9.0)))
+    image = torch.rand(3, 64, 64)
+    torch.manual_seed(0)
+    assert torch.equal(RandomErasing(p=1.0, scale=(0.98, 1.0), ratio=(8.0, 9.0))(image), image)
+    torch.manual_seed(0)
+    assert tf.erase_box(torch.zeros(64, 64, 3, dtype=torch.uint8)).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_the_default_normalization_is_torchvisions_imagenet_one():
+    """A recipe that states no mean/std normalizes as torchvision's MobileNetV3 weights' own transforms
+    (the published evaluation), for classification and segmentation alike."""
+    from torchvision.models import MobileNet_V3_Large_Weights
+
+    from data.segmentation import SegmentationDataConfig
+
+    preset = MobileNet_V3_Large_Weights.IMAGENET1K_V1.transforms()
+    cfg = _cfg("unused")
+    assert list(cfg.mean) == list(preset.mean) and list(cfg.std) == list(preset.std)
+    seg = SegmentationDataConfig(root="r", batch_size=1, workers=0, crop_size=8, short_side=(8, 16), hflip=0.5,
+                                 eval_size=8)
+    assert list(seg.mean) == list(preset.mean) and list(seg.std) == list(preset.std)
+
+
+def test_erasing_happens_when_the_draw_is_below_p_as_in_torchvision():
+    """RandomErasing.forward erases when torch.rand(1) < p: a draw exactly equal to p does not erase."""
+    torch.manual_seed(0)
+    p = torch.rand(1).item()
+    tf = TrainTransform(_cfg("unused", random_erasing=p))
+    torch.manual_seed(0)
+    assert tf.erase_box(torch.zeros(64, 64, 3, dtype=torch.uint8))[0].item() == 0
+    tf = TrainTransform(_cfg("unused", random_erasing=min(1.0, p + 1e-7)))
+    torch.manual_seed(0)
+    assert tf.erase_box(torch.zeros(64, 64, 3, dtype=torch.uint8))[0].item() == 1
+
+
+def test_encoded_bytes_become_a_writable_tensor_and_a_bytearray_is_not_copied():
+    """torch.frombuffer warns on a read-only buffer (bytes) and shares memory with a writable one: bytes are
+    copied once into a bytearray, a bytearray (what a shard read may hand over) is used as it is."""
+    import warnings
+
+    from data.classification import _as_tensor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = _as_tensor(b"\xff\xd8\x01")
+    assert t.tolist() == [255, 216, 1]
+    buf = bytearray(b"\xff\xd8\x01")
+    shared = _as_tensor(buf)
+    buf[2] = 7
+    assert shared.tolist() == [255, 216, 7]

@@ -177,3 +177,16 @@ def test_the_default_box_margin_is_one_pixel(tmp_path):
         assert read_annotations(_coco(tmp_path, [[-1, 10, 20, 20]]), **margin).boxes[0].tolist() == [[0, 10, 19, 30]]
         with pytest.raises(DataError, match="by more than data.box_margin 1 px"):
             read_annotations(_coco(tmp_path, [[-1.25, 10, 20, 20]]), **margin)
+
+
+def test_seven_bad_annotations_show_five_and_count_the_rest(tmp_path):
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    with pytest.raises(DataError) as err:
+        read_annotations(_coco(tmp_path, [[10, 10, 5, -1]] * 7))
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'instances.json'}: 7 bad annotations:"
+    assert len(lines) == 1 + 5 + 1 and lines[-1] == "  ... and 2 more"

@@ -88,3 +88,31 @@ def test_seeded_shards_match_the_reference_with_few_images_per_group(world, batc
             assert all(len(b) == batch for b in want)
             short += sum(len(set(b)) < batch for b in want)
     assert short > 0, "no batch needed repeated samples: the case does not exercise the refill"
+
+
+def test_a_group_factor_of_0_still_groups_portrait_and_landscape_and_minus_1_does_not(tmp_path):
+    """The reference groups whenever aspect_ratio_group_factor >= 0; with 0 its bins are [1.0] (portrait
+    against landscape). Only a negative factor gives ungrouped batches."""
+    from data.detection import make_train_loader
+
+    sizes = [(1, 40, 40), (2, 40, 20), (3, 20, 40), (4, 44, 40), (5, 40, 44), (6, 60, 20), (7, 20, 60)]
+    write_coco(tmp_path, sizes, [(i, 1, [1, 1, 10, 10], 0) for i, _, _ in sizes])
+    ds = CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=0)
+    images = {i: {"id": i, "width": w, "height": h} for i, w, h in sizes}
+    want = ref_groups([images[ds.image_id(i)] for i in range(len(ds))], 0)
+    assert sorted(set(want)) == [0, 1]
+    grouped = make_train_loader(ds, 2, 0, 0, 1, 0, 0, False).batch_sampler.inner
+    assert grouped.group_ids == want
+    assert make_train_loader(ds, 2, -1, 0, 1, 0, 0, False).batch_sampler.inner.group_ids is None
+
+
+def test_training_workers_persist_across_epochs_from_one_worker_on(tmp_path):
+    """Re-forking the workers every epoch costs seconds per epoch (the dataset is pickled to each); with any
+    worker at all they are kept. Without workers there is nothing to keep."""
+    from data.detection import make_train_loader
+
+    sizes = [(1, 40, 40), (2, 40, 20), (3, 20, 40), (4, 44, 40)]
+    write_coco(tmp_path, sizes, [(i, 1, [1, 1, 10, 10], 0) for i, _, _ in sizes])
+    ds = CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=0)
+    assert make_train_loader(ds, 2, -1, 0, 1, 0, 1, False).persistent_workers is True
+    assert make_train_loader(ds, 2, -1, 0, 1, 0, 0, False).persistent_workers is False

@@ -90,3 +90,34 @@ def test_a_mask_cache_write_that_fails_leaves_no_temporary_file(tmp_path, monkey
     monkeypatch.undo()
     assert cache.get(3, lambda: np.full((4, 5), 7, dtype=np.uint8)).unique().tolist() == [7]
     assert os.listdir(tmp_path / "val-k") == ["3.png"]
+
+
+def test_an_image_of_1_px_is_a_size_and_0_px_is_not(tmp_path):
+    import pytest
+
+    from data.segmentation import check_annotations
+    from engine.errors import DataError
+
+    def doc(h, w):
+        return {"images": [{"id": 1, "file_name": "a.jpg", "height": h, "width": w}], "annotations": []}
+
+    check_annotations(doc(1, 1), tmp_path / "a.json")
+    for h, w in ((0, 5), (5, 0), (True, 5), (2.0, 5)):
+        with pytest.raises(DataError, match=r"height .* and width .* are not positive integers"):
+            check_annotations(doc(h, w), tmp_path / "a.json")
+
+
+def test_the_image_count_of_an_earlier_runs_cache_is_found_by_the_annotation_files_key(tmp_path):
+    """--print-config counts training steps from the mask cache's index.json, found under the key of the
+    split's annotation file (not the image folder): no cache, no count."""
+    from data.segmentation import cache_key, cached_image_count
+
+    (tmp_path / "annotations").mkdir()
+    raw = b'{"images": [], "annotations": []}'
+    (tmp_path / "annotations" / "instances_train2017.json").write_bytes(raw)
+    cache = tmp_path / "cache"
+    assert cached_image_count(tmp_path, "train", cache) is None
+    (cache / f"train-{cache_key(raw)}").mkdir(parents=True)
+    (cache / f"train-{cache_key(raw)}" / "index.json").write_text('{"images": 1234}')
+    assert cached_image_count(tmp_path, "train", cache) == 1234
+    assert cached_image_count(tmp_path, "val", cache) is None

@@ -367,20 +367,25 @@ def test_an_index_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
 
 
 def test_staging_says_how_long_it_waited_for_another_process(written, tmp_path):
-    """A second caller on a node (another task of the job) waits on the lock while the first copies; when
-    it finds the copy done it says so, with the wait."""
+    """The copy says what it copied and how long it took; a second caller on a node (another task of the
+    job) waits on the lock while the first copies, and when it finds the copy done it says so, with the
+    wait."""
     import fcntl
     import threading
 
     logs = []
     dest = tmp_path / "local"
     staged = shards.stage(written, dest, log=logs.append)
+    n = len(json.loads((written / "manifest.json").read_text())["files"])
+    [copied] = [line for line in logs if line.startswith("stage: copied")]
+    head, tail = copied.split(f" of {written} to {staged} in ")
+    assert head.startswith(f"stage: copied {n} of {n} files (") and tail.endswith(" s, SHA-256 checked")
+    assert 0 <= float(tail.split()[0]) < 60  # the copy's own duration
     logs.clear()
     lock = open(dest / f".{written.name}.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # another process staging: this open file holds the node's lock
     threading.Timer(1.6, lambda: (fcntl.flock(lock, fcntl.LOCK_UN), lock.close())).start()
     assert shards.stage(written, dest, log=logs.append) == staged
-    n = len(json.loads((written / "manifest.json").read_text())["files"])
     [line] = logs
     head, waited = line.split("; waited ")
     assert head == f"stage: {staged} already holds {written} ({n} files)"

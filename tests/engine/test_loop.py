@@ -318,7 +318,7 @@ def test_a_resume_from_an_older_checkpoint_drops_the_rows_of_the_epochs_it_redoe
     assert [(r["epoch"], r["acc1"], r["train_loss"]) for r in read_metrics(tmp_path)] == [(0, 0.0, 1.5)]
 
 
-def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
+def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch, capsys):
     import signal
 
     from engine import checkpoint
@@ -343,6 +343,7 @@ def test_a_signal_mid_epoch_saves_the_position_and_stops(tmp_path, monkeypatch):
     assert (again.start_epoch, again.start_micro) == (2, 3) and not (tmp_path / "metrics.jsonl").exists()
     assert err.value.message == (f"stopped by SIGUSR1 at epoch 2, optimizer step 3/10: "
                                  f"{tmp_path / 'checkpoints' / 'last.pt'} written; the same command resumes exactly")
+    assert err.value.message in capsys.readouterr().out.splitlines()  # and in the run's log
 
 
 def test_a_run_whose_epochs_are_all_done_says_so_and_trains_nothing(tmp_path, capsys):
@@ -550,3 +551,19 @@ def test_a_fixed_accumulation_of_1_is_a_plain_step_and_0_is_refused():
     assert (plan.accumulate, plan.global_batch) == (1, 64)
     with pytest.raises(ConfigError, match="train.accumulate: expected 'auto' or a count >= 1, got 0"):
         plan_batch(_run_cfg(), 32, 0, "none", 2)
+
+
+def test_each_epoch_end_keeps_the_newest_run_keep_checkpoints_epoch_files(tmp_path):
+    model = _model()
+    cfg = _Cfg(_Schedule(5), _run_cfg(print_freq=1000, keep_checkpoints=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = Loop(cfg, DistState(), SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path,
+                                                  state=None, changes={}),
+                model, opt, EpochSchedule(ScheduleConfig(epochs=5, name="constant"), opt),
+                BatchPlan(1, 8, 1, None, "none"))
+    for epoch in range(4):
+        loop.start_epoch = epoch
+        _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+        loop.end_epoch(epoch, {"acc1": 1.0}, loop.epoch_stats())
+        kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+        assert kept == [f"epoch_{e:03d}.pt" for e in range(max(0, epoch - 1), epoch + 1)] + ["last.pt"], kept

@@ -137,3 +137,20 @@ def test_daemonic_children_are_killed_at_exit_even_if_they_ignore_sigterm():
         assert time.monotonic() - started < 5
     finally:
         signal.signal(signal.SIGCHLD, previous)
+
+
+def test_the_worker_init_ignores_and_unblocks_the_signals_in_the_process_it_runs_in():
+    """What each loader worker runs first, here in this process (the test above sees it in a real worker):
+    a signal pending since the fork is discarded, none stays blocked."""
+    from engine.preemption import SIGNALS, ignore_in_worker
+
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        ignore_in_worker(0)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in SIGNALS)
+        assert not set(SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -215,3 +215,19 @@ def test_an_evaluation_writes_eval_json_config_env_and_the_report(tmp_path, caps
     quiet.report = report
     quiet.write_report()  # another rank writes no report
     assert written == [out]
+
+
+def test_a_run_that_fails_to_open_releases_its_lock(tmp_path):
+    """A refusal after the lock was taken (here: a directory holding a run, without resume) closes the lock
+    file: another process can take the directory at once (a lockf lock lasts as long as its open file)."""
+    out = tmp_path / "run"
+    cfg = _cfg(out)
+    _checkpoints(out, cfg)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        rundir.open_run(cfg, DistState())
+    lock = str(out / "run.lock")
+    assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == lock]
+    other = subprocess.run([sys.executable, "-c", "import fcntl, sys\nf = open(sys.argv[1], 'a+')\n"
+                            "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('taken')", lock],
+                           capture_output=True, text=True, timeout=60)
+    assert other.stdout == "taken\n", other.stderr
