@@ -173,8 +173,10 @@ def test_last_pt_falls_back_to_a_second_save_where_a_hard_link_fails(tmp_path, m
     obj = checkpoint.new({"w": torch.arange(4.0)}, epoch=3, config={})
     src, dst = tmp_path / "epoch_003.pt", tmp_path / "last.pt"
     checkpoint.save(obj, src)
+    (tmp_path / ".last.pt.link.tmp").write_bytes(b"left by a process killed mid-link")
     checkpoint.link_or_save(src, dst, obj)
-    assert os.stat(dst).st_ino == os.stat(src).st_ino  # linked: no second write
+    assert os.stat(dst).st_ino == os.stat(src).st_ino  # linked (the stale temporary removed first): no second write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_003.pt", "last.pt"]
 
     def no_links(a, b):
         raise OSError(1, "Operation not permitted")

@@ -101,35 +101,47 @@ def test_device_names(monkeypatch):
         distributed.resolve_device("cuda:1")
 
 
-_TWO_RANKS = """
+_RANK_1 = """
 import sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[2])
 from engine import distributed
 from engine.distributed import DistState
-rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
-state = DistState(rank=rank, world_size=2)
-total = distributed.all_reduce_sum(torch.tensor([1.0 + rank, 10.0 * rank]), state).tolist()
-top = distributed.all_reduce_max(torch.tensor([5.0 - rank, float(rank)]), state).tolist()
-every = distributed.all_gather_object({"rank": rank}, state)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=1, world_size=2)
+state = DistState(rank=1, world_size=2)
+total = distributed.all_reduce_sum(torch.tensor([2.0, 10.0]), state).tolist()
+top = distributed.all_reduce_max(torch.tensor([4.0, 1.0]), state).tolist()
+every = distributed.all_gather_object({"rank": 1}, state)
 distributed.shutdown()
-print(total, top, every, dist.is_initialized())
+print(total, top, every)
 """
 
 
 def test_collectives_over_two_real_gloo_ranks(tmp_path):
-    """Two processes in a real gloo group: sums and maxima across ranks, and every rank's object in rank order."""
+    """A real 2-rank gloo group: this process is rank 0 (so the collectives run here), a subprocess rank 1.
+    Sums and maxima across ranks, and every rank's object in rank order, on both."""
     import subprocess
     import sys
 
+    import torch.distributed as dist
+
     from tests.conftest import ROOT
 
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS, str(r), str(tmp_path / "store"), str(ROOT)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    for out, _ in outs:
-        assert out.strip() == "[3.0, 10.0] [5.0, 1.0] [{'rank': 0}, {'rank': 1}] False"
+    store = tmp_path / "store"
+    other = subprocess.Popen([sys.executable, "-c", _RANK_1, str(store), str(ROOT)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=2)
+        state = DistState(rank=0, world_size=2)
+        total = distributed.all_reduce_sum(torch.tensor([1.0, 0.0]), state).tolist()
+        top = distributed.all_reduce_max(torch.tensor([5.0, 0.0]), state).tolist()
+        every = distributed.all_gather_object({"rank": 0}, state)
+    finally:
+        distributed.shutdown()
+        out, err = other.communicate(timeout=120)
+    assert other.returncode == 0, err[-2000:]
+    assert (total, top, every) == ([3.0, 10.0], [5.0, 1.0], [{"rank": 0}, {"rank": 1}])
+    assert out.strip() == "[3.0, 10.0] [5.0, 1.0] [{'rank': 0}, {'rank': 1}]"
+    assert not dist.is_initialized()
 
 
 def test_a_group_waits_30_minutes_for_a_slow_rank(env, groups):

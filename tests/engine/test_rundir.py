@@ -219,12 +219,15 @@ def test_an_evaluation_writes_eval_json_config_env_and_the_report(tmp_path, caps
 
 def test_a_run_that_fails_to_open_releases_its_lock(tmp_path):
     """A refusal after the lock was taken (here: a directory holding a run, without resume) closes the lock
-    file: another process can take the directory at once (a lockf lock lasts as long as its open file)."""
+    file: another process can take the directory at once (a lockf lock lasts as long as its open file), even
+    while the exception, whose traceback holds the frame that opened it, is still around (as launch() holds it
+    to print it)."""
     out = tmp_path / "run"
     cfg = _cfg(out)
     _checkpoints(out, cfg)
-    with pytest.raises(RunDirError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run") as err:  # held: its traceback keeps the frames
         rundir.open_run(cfg, DistState())
+    assert err.value is not None
     lock = str(out / "run.lock")
     assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == lock]
     other = subprocess.run([sys.executable, "-c", "import fcntl, sys\nf = open(sys.argv[1], 'a+')\n"
