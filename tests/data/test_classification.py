@@ -345,6 +345,7 @@ def test_the_default_normalization_is_torchvisions_imagenet_one():
 
     preset = MobileNet_V3_Large_Weights.IMAGENET1K_V1.transforms()
     cfg = _cfg("unused")
+    assert list(cfg.validate()) == []  # (a call into the module: tools/mutants.py selects tests by the lines they run)
     assert list(cfg.mean) == list(preset.mean) and list(cfg.std) == list(preset.std)
     seg = SegmentationDataConfig(root="r", batch_size=1, workers=0, crop_size=8, short_side=(8, 16), hflip=0.5,
                                  eval_size=8)
