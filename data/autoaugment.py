@@ -58,10 +58,9 @@ class AutoAugment(_TorchvisionAutoAugment):
         return img
 
 
-def _point(img: Image.Image, lut) -> Image.Image:
-    """img.point(lut) for an L or RGB image and a table of ints (256 entries, or 256 per band), without
+def _point(img: Image.Image, lut: list[int]) -> Image.Image:
+    """img.point(lut) for an L or RGB image and a list of ints (256 entries, or 256 per band), without
     Image.point's Python pass that rounds every entry (they are ints already)."""
-    lut = [int(v) for v in lut] if not isinstance(lut, list) else lut
     bands = len(img.getbands())
     return img._new(img.im.point(lut * bands if len(lut) == 256 else lut, None))
 

@@ -138,7 +138,8 @@ def check_classification(reference: Callable, exported: Callable, batches, int8:
               "acc1_pytorch": _acc1(ref, labels), "acc1_export": _acc1(out, labels)}
     if int8:
         tol = TOLERANCE["int8"]
-        right_ref, right_out = (x.topk(1, dim=1).indices[:, 0] == labels for x in (ref, out))  # as _acc1 counts
+        # per image, counted as _acc1 counts (topk's tie-break)
+        right_ref, right_out = (x.topk(1, dim=1).indices[:, 0] == labels for x in (ref, out))
         b, c = int((right_out & ~right_ref).sum()), int((right_ref & ~right_out).sum())
         result.update(tolerance=tol, only_export_right=b, only_pytorch_right=c, mcnemar_p=mcnemar_p(b, c))
         apart = abs(result["acc1_export"] - result["acc1_pytorch"])

@@ -380,3 +380,13 @@ def test_launch_destroys_the_process_group_main_leaves_whatever_way_it_ends(reci
                 launch(Cfg, lambda cfg, end=end: main(cfg, end), argv=["--recipe", str(recipe)])
             assert exit_.value.code == code
         assert not dist.is_initialized(), end
+
+
+def test_overrides_nest_by_every_dot_of_the_key():
+    from engine.config import parse_overrides
+
+    nested, keys, bad = parse_overrides(["a.b.c=1", "a.b.d=x", "run.seed=3"])
+    assert nested == {"a": {"b": {"c": "1", "d": "x"}}, "run": {"seed": "3"}} and bad == []
+    assert keys == {"a.b.c", "a.b.d", "run.seed"}
+    _, _, bad = parse_overrides(["a.b=1", "a.b.c=2"])
+    assert bad == ["command line: a.b.c: conflicts with an earlier override"]

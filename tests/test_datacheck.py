@@ -117,3 +117,21 @@ def test_check_data_says_how_many_images_it_decodes_and_with_how_many_threads(tm
         check_images(paths, decode, workers, Log())
     assert Log.lines == ["--check-data: decoding 3 images with 1 thread", "--check-data: all 3 images decode"] * 2 + [
         "--check-data: decoding 3 images with 2 threads", "--check-data: all 3 images decode"]
+
+
+def test_check_data_names_every_image_that_fails_and_how_many_of_how_many(tmp_path):
+    from engine.datacheck import check_images
+
+    class Log:
+        def info(self, text):
+            pass
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
+    Image.fromarray(np.full((4, 5, 3), 9, dtype=np.uint8)).save(good)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:300])
+    with pytest.raises(DataError) as err:
+        check_images([str(good), str(bad)], decode, 1, Log())
+    lines = str(err.value).splitlines()
+    assert lines[0] == "--check-data: 1 of 2 images cannot be used:" and lines[1].startswith(f"  {bad}: ")
+    assert len(lines) == 2

@@ -379,3 +379,22 @@ def test_encoded_bytes_become_a_writable_tensor_and_a_bytearray_is_not_copied():
     shared = _as_tensor(buf)
     buf[2] = 7
     assert shared.tolist() == [255, 216, 7]
+
+
+def test_data_section_limits_of_counts_probabilities_and_sizes():
+    def problems(**kw):
+        return list(_cfg("unused", **kw).validate())
+
+    assert problems(batch_size=1, workers=0, hflip=0.0, random_erasing=1.0) == []
+    assert problems(batch_size=0) == [("batch_size", "expected a positive per-process batch size, got 0")]
+    assert problems(workers=-1) == [("workers", "expected >= 0, got -1")]
+    for key in ("hflip", "random_erasing"):
+        assert problems(**{key: 1.0}) == [] and problems(**{key: 0.0}) == []
+        for bad in (-0.01, 1.01):
+            assert problems(**{key: bad}) == [(key, f"expected a probability in [0, 1], got {bad}")]
+    assert problems(crop_size=1, val_resize=1, val_crop=1) == []
+    for key in ("crop_size", "val_resize", "val_crop"):
+        assert (key, f"expected a positive size in pixels, got 0") in problems(**{key: 0}), key
+    assert problems(val_resize=64, val_crop=64) == []
+    assert problems(val_resize=63, val_crop=64) == [
+        ("val_crop", "expected <= val_resize (63): the center crop is taken from the resized image")]

@@ -121,3 +121,23 @@ def test_the_image_count_of_an_earlier_runs_cache_is_found_by_the_annotation_fil
     (cache / f"train-{cache_key(raw)}" / "index.json").write_text('{"images": 1234}')
     assert cached_image_count(tmp_path, "train", cache) == 1234
     assert cached_image_count(tmp_path, "val", cache) is None
+
+
+def test_data_section_bounds_at_both_sides_of_each_limit():
+    from data.segmentation import SegmentationDataConfig
+
+    base = dict(root="r", batch_size=4, workers=1, crop_size=480, short_side=(260, 1040), hflip=0.5, eval_size=520)
+
+    def problems(**kw):
+        return list(SegmentationDataConfig(**{**base, **kw}).validate())
+
+    assert problems() == [] and problems(workers=0, hflip=0.0) == [] and problems(hflip=1.0) == []
+    for key in ("batch_size", "crop_size", "eval_size", "eval_batch_size"):
+        assert problems(**{key: 1}) == [], key
+        assert problems(**{key: 0}) == [(key, "expected a positive number, got 0")], key
+    assert problems(workers=-1) == [("workers", "expected >= 0, got -1")]
+    assert problems(short_side=(1, 1)) == []
+    for bad in ((0, 5), (6, 5)):
+        assert problems(short_side=bad) == [("short_side", f"expected [lo, hi] with 0 < lo <= hi, got {list(bad)}")]
+    for bad in (-0.01, 1.01):
+        assert problems(hflip=bad) == [("hflip", f"expected a probability in [0, 1], got {bad}")]

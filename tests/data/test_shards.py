@@ -404,3 +404,34 @@ def test_a_split_whose_index_was_written_is_kept_when_the_writer_resumes(folder,
     assert f"{out / 'train'}: complete (index.json present), kept" in capsys.readouterr().out.splitlines()
     assert {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()} == train_files
     assert (out / "manifest.json").read_bytes() == (written / "manifest.json").read_bytes()
+
+
+def test_a_reader_keeps_at_most_max_open_shards_open_closing_the_least_recently_used(written, monkeypatch):
+    """ImageNet has ~150 shards, under the limit; a set with more than MAX_OPEN (here 2 of the toy set's
+    shards) still reads every sample right, with no more than MAX_OPEN descriptors held."""
+    src = shards.ShardSource(written / "train", "imagefolder")
+    assert len(src.files) >= 3
+    monkeypatch.setattr(shards, "MAX_OPEN", 2)
+    for i in range(len(src)):
+        assert src.read(i) == (Path(src.files[int(src._shard[i])]).read_bytes()
+                               [int(src._offset[i]):int(src._offset[i]) + int(src._length[i])])
+        assert len(src._fds) <= 2
+        held = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in src._fds.values()}
+        assert held <= {os.path.realpath(f) for f in src.files} and len(held) == len(src._fds)
+    last = int(src._shard[len(src) - 1])
+    assert list(src._fds)[-1] == last  # the most recently used stays open
+
+
+def test_the_writer_reports_every_tenth_shard_and_the_last(folder, tmp_path, capsys):
+    """A shard per sample (1 KB: smaller than any toy image with its header): progress lines after shards
+    10, 20, ... and after the last one, each with the samples written so far."""
+    out = tmp_path / "set"
+    capsys.readouterr()
+    assert make_shards.main([str(folder), str(out), "--shard-size", "1KB"]) == 0
+    n = len(json.loads((out / "train" / "index.json").read_text())["samples"]["name"])
+    assert n > 10
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{out / 'train'}: ")
+             and " shards, " in line]
+    want = sorted(set(list(range(10, n + 1, 10)) + [n]))
+    assert [line.split(": ")[1].split(" shards, ")[0] for line in lines] == [f"{k}/{n}" for k in want]
+    assert [int(line.split(" shards, ")[1].split()[0]) for line in lines] == want  # one sample per shard

@@ -249,3 +249,48 @@ def test_nesterov_needs_sgd_with_momentum():
     assert problems() == []
     assert problems(momentum=0.0) == ["nesterov"]
     assert problems(name="adamw", momentum=0.0) == ["nesterov"]
+
+
+def test_optimizer_section_limits_at_both_sides():
+    def problems(**kw):
+        base = dict(name="sgd", lr=0.1, weight_decay=0.0, momentum=0.9)
+        return list(OptimizerConfig(**{**base, **kw}).validate())
+
+    assert problems(lr=1e-12, weight_decay=0.0, momentum=0.0) == [] and problems(momentum=0.999) == []
+    for bad in (0.0, -0.1, float("inf"), float("nan")):
+        assert [k for k, _ in problems(lr=bad)] == ["lr"], bad
+    assert problems(lr=0.0) == [("lr", "expected a positive learning rate, got 0.0")]
+    assert problems(weight_decay=-1e-9) == [("weight_decay", "expected >= 0, got -1e-09")]
+    for bad in (1.0, -0.1):
+        assert problems(momentum=bad) == [("momentum", f"expected a momentum in [0, 1), got {bad}")]
+    adamw = dict(name="adamw", momentum=0.0)
+    assert problems(**adamw, betas=(0.0, 0.999)) == []
+    for bad in ((0.9, 1.0), (-0.1, 0.999)):
+        assert [k for k, _ in problems(**adamw, betas=bad)] == ["betas"], bad
+
+
+def test_schedule_section_names_what_each_schedule_needs_and_lr_noise_limits():
+    def problems(**kw):
+        return list(ScheduleConfig(**{"epochs": 10, "name": "constant", **kw}).validate())
+
+    assert problems(epochs=1) == [] and problems(epochs=0) == [("epochs", "expected a positive number of epochs, got 0")]
+    assert problems(name="step") == [("step_size", "required for schedule name: step"),
+                                     ("gamma", "required for schedule name: step")]
+    assert problems(name="multistep", gamma=0.1) == [("milestones", "required for schedule name: multistep")]
+    assert problems(name="poly") == [("power", "required for schedule name: poly")]
+    assert problems(name="cosine") == []
+    assert problems(lr_noise=(2, 3)) == []
+    assert problems(lr_noise=(3, 3)) == [("lr_noise", "expected [start_epoch, end_epoch) with start < end, got [3, 3]")]
+    assert [k for k, _ in problems(lr_noise=(2, 3), per_iteration=True)] == ["per_iteration"]
+
+
+def test_cosine_without_min_lr_ends_at_0_as_torchs_cosine_annealing():
+    """A recipe that states no min_lr anneals to 0, as CosineAnnealingLR's default eta_min."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.4)
+    ours = EpochSchedule(ScheduleConfig(epochs=8, name="cosine"), opt)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.4)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=8)
+    for epoch in range(8):
+        assert ours.set(opt, epoch) == pytest.approx(ref_opt.param_groups[0]["lr"], abs=1e-12), epoch
+        ref_opt.step()
+        ref.step()
