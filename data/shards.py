@@ -117,7 +117,7 @@ def load_index(split_dir: str | Path) -> dict:
     shard, offset, length = cols["shard"], cols["offset"], cols["length"]
     if n and (shard.min() < 0 or shard.max() >= len(files)):
         raise DataError(f"{path}: damaged shard index: a sample refers to a shard it does not list")
-    bad = np.flatnonzero((offset < 0) | (length < 0) | (offset + length > sizes[shard] if n else False))
+    bad = np.flatnonzero((offset < 0) | (length < 0) | (offset + length > sizes[shard]))
     if len(bad):
         i = int(bad[0])
         raise DataError(f"{path}: damaged shard index: sample {names[i]} at offset {offset[i]}, {length[i]} bytes, "

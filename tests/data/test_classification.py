@@ -398,3 +398,22 @@ def test_data_section_limits_of_counts_probabilities_and_sizes():
     assert problems(val_resize=64, val_crop=64) == []
     assert problems(val_resize=63, val_crop=64) == [
         ("val_crop", "expected <= val_resize (63): the center crop is taken from the resized image")]
+
+
+def test_an_erase_box_in_the_top_left_corner_is_erased():
+    """Only get_params' give-up answer (the whole image at 0, 0) means no box: a smaller box drawn at the
+    top-left corner is erased like any other (torchvision's RandomErasing erases it)."""
+    from torchvision.transforms import RandomErasing
+
+    tf = TrainTransform(_cfg("unused", random_erasing=1.0, erasing_scale=(0.3, 0.5), erasing_ratio=(1.0, 1.0)))
+    image = torch.zeros(3, 8, 8)
+    for seed in range(500):
+        torch.manual_seed(seed)
+        torch.rand(1)  # erase_box's p draw
+        top, left, h, w, _ = RandomErasing.get_params(image, scale=(0.3, 0.5), ratio=(1.0, 1.0), value=[0])
+        if (top, left) == (0, 0) and h < 8:
+            break
+    else:
+        raise AssertionError("no top-left draw in 500 seeds")
+    torch.manual_seed(seed)
+    assert tf.erase_box(torch.zeros(8, 8, 3, dtype=torch.uint8)).tolist() == [1, 0, 0, h, w]

@@ -190,3 +190,14 @@ def test_seven_bad_annotations_show_five_and_count_the_rest(tmp_path):
     lines = str(err.value).splitlines()
     assert lines[0] == f"{tmp_path / 'instances.json'}: 7 bad annotations:"
     assert len(lines) == 1 + 5 + 1 and lines[-1] == "  ... and 2 more"
+
+
+def test_a_box_of_other_than_4_numbers_or_with_a_non_finite_one_is_named(tmp_path):
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    for box in ([1.0, 2.0, float("nan"), 3.0], [1.0, 2.0, 3.0], [1.0, float("inf"), 3.0, 4.0]):
+        with pytest.raises(DataError, match=r"annotation 1: bbox .* is not \[x, y, width >= 0"):
+            read_annotations(_coco(tmp_path, [box]))

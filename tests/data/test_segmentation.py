@@ -343,3 +343,27 @@ def test_mask_cache_files_get_the_mode_a_plain_open_would(tmp_path, umask):
     assert torch.equal(cache.get(7, lambda: None), mask)  # read back from the file
     modes = {p.name: p.stat().st_mode & 0o777 for p in cache.dir.iterdir()}
     assert modes == {"7.png": 0o666 & ~umask, "index.json": 0o666 & ~umask}
+
+
+def test_the_crop_window_is_drawn_as_torchvisions_random_crop_draws_it():
+    """The window (top, left) comes from RandomCrop.get_params on the padded image, drawn from the same
+    generator state after the short side and the flip: drawn on each side that exceeds the crop, and not
+    drawn at all (no random numbers used) when the padded image is the crop's size."""
+    from torchvision.transforms import RandomCrop
+
+    from data.segmentation import resized_hw
+
+    tf = TrainTransform(64, (48, 96), 0.5)
+    for height, width in ((200, 300), (300, 64), (64, 300), (40, 40), (64, 64)):
+        for s in range(20):
+            got = tf.draw(height, width, torch.Generator().manual_seed(s))
+            torch.manual_seed(s)  # the reference draws from the global generator, in the same order
+            short = int(torch.randint(48, 97, (1,)))
+            flip = torch.rand(1).item() < 0.5
+            h, w = resized_hw(height, width, short)
+            top, left, _, _ = RandomCrop.get_params(torch.empty(1, max(h, 64), max(w, 64)), (64, 64))
+            after = torch.rand(1)
+            assert got == (short, flip, top, left), (height, width, s)
+            g = torch.Generator().manual_seed(s)
+            tf.draw(height, width, g)
+            assert torch.equal(torch.rand(1, generator=g), after)  # as many numbers drawn as the reference

@@ -210,3 +210,24 @@ def test_sample_seeds_are_those_of_every_earlier_run():
     assert seeding.sample_seed(42, 3, 12345) == 4729050362098357786
     assert seeding.sample_seed(2**64 + 5, 599, 1281166) == 7742946903985228454  # parts taken mod 2**64
     assert seeding.sample_seed(5, 599, 1281166) == 7742946903985228454
+
+
+def test_a_file_that_is_no_checkpoint_is_named_with_its_first_eight_keys(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({f"k{i:02d}": i for i in range(10)}, path)
+    with pytest.raises(ValueError) as err:
+        checkpoint.load(path)
+    assert str(err.value) == (f"{path}: neither a state dict nor a project checkpoint (keys: "
+                              "['k00', 'k01', 'k02', 'k03', 'k04', 'k05', 'k06', 'k07'])")
+
+
+def test_a_full_disk_is_found_anywhere_in_an_exception_chain_even_a_cyclic_one():
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = RuntimeError("torch.save failed")
+    wrapped.__cause__ = full
+    assert checkpoint._no_space(wrapped) and checkpoint._no_space(full)
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__context__ = b, a  # a cycle: the walk must end
+    assert checkpoint._no_space(a) is False

@@ -567,3 +567,29 @@ def test_each_epoch_end_keeps_the_newest_run_keep_checkpoints_epoch_files(tmp_pa
         loop.end_epoch(epoch, {"acc1": 1.0}, loop.epoch_stats())
         kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
         assert kept == [f"epoch_{e:03d}.pt" for e in range(max(0, epoch - 1), epoch + 1)] + ["last.pt"], kept
+
+
+def test_on_resume_the_recipes_hyperparameters_replace_the_checkpoints(tmp_path):
+    """The optimizer's state (momentum buffers, step counts) comes from the checkpoint, its hyperparameters
+    from the recipe: with run.allow_changes a changed weight decay or momentum really takes effect."""
+    from engine import checkpoint
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
+    loader = DataLoader(_data(16), batch_sampler=EpochBatches(SequentialSampler(range(16)), 8))
+    for x, y in loop.batches(loader, 0):
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loop.backward(loss, images=len(x))
+    loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    new_model = _model()
+    new_opt = torch.optim.SGD(new_model.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
+    again = _loop(new_model, new_opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
+    again.run.state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    again.run.resume_path = tmp_path / "checkpoints" / "last.pt"
+    again.resume()
+    group = new_opt.param_groups[0]
+    assert (group["momentum"], group["weight_decay"]) == (0.5, 1e-3)
+    buffers = [new_opt.state[p]["momentum_buffer"] for p in new_model.parameters()]
+    assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters()))

@@ -154,3 +154,35 @@ def test_the_worker_init_ignores_and_unblocks_the_signals_in_the_process_it_runs
         for s, h in handlers.items():
             signal.signal(s, h)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+_EXITS = """
+import multiprocessing, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import engine.preemption  # registers the exit-time kill on import
+
+
+def stubborn():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    multiprocessing.get_context("fork").Process(target=stubborn, daemon=True).start()
+    time.sleep(0.5)
+    print("leaving", flush=True)
+"""
+
+
+def test_a_process_with_a_worker_that_ignores_sigterm_still_exits():
+    """Importing engine.preemption registers the kill at exit: without it, multiprocessing's own exit handler
+    would SIGTERM the daemonic child (which ignores it, as loader workers do) and wait for it forever."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _EXITS, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "leaving\n", proc.stderr[-2000:]
+    assert time.monotonic() - started < 30

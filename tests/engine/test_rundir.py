@@ -234,3 +234,15 @@ def test_a_run_that_fails_to_open_releases_its_lock(tmp_path):
                             "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('taken')", lock],
                            capture_output=True, text=True, timeout=60)
     assert other.stdout == "taken\n", other.stderr
+
+
+def test_release_gives_the_directory_up_at_once_and_twice_is_harmless(tmp_path):
+    out = tmp_path / "run"
+    run = rundir.open_run(_cfg(out), DistState())
+    run.release()
+    run.release()
+    other = subprocess.run([sys.executable, "-c", "import fcntl, sys\nf = open(sys.argv[1], 'a+')\n"
+                            "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('taken')", str(out / "run.lock")],
+                           capture_output=True, text=True, timeout=60)
+    assert other.stdout == "taken\n", other.stderr  # `run` is still referenced: release closed the lock itself
+    assert run.lock is None
