@@ -528,22 +528,6 @@ def test_the_onnx_resize_sizes_images_as_eager_pytorch_does():
         assert tuple(sess.run(None, {"image": np.zeros((3, h, w), np.float32)})[0]) == tuple(eager), (h, w)
 
 
-def test_near_tied_detections_are_matched_by_label_and_box_not_by_position():
-    from deploy.check import CheckFailed, match_detections
-
-    ref = {"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [5, 5, 9, 9]]),
-           "labels": torch.tensor([1, 1, 2]), "scores": torch.tensor([0.50005, 0.5, 0.3])}
-    swapped = {"boxes": ref["boxes"][[1, 0, 2]], "labels": ref["labels"][[1, 0, 2]],
-               "scores": torch.tensor([0.50002, 0.50001, 0.3])}  # scores within 1e-4: either order is right
-    assert match_detections(ref, swapped, "img")["boxes_px"] == 0.0
-    moved = {**swapped, "boxes": swapped["boxes"] + torch.tensor([0.0, 0.0, 1.0, 0.0])}
-    with pytest.raises(CheckFailed, match="boxes differ by up to 1 px"):
-        match_detections(ref, moved, "img")
-    far = {**swapped, "scores": torch.tensor([0.6, 0.50001, 0.3])}  # not a tie: a real difference
-    with pytest.raises(CheckFailed, match=r"detection 1 \(label 1, score 0.5\) has no counterpart"):
-        match_detections(ref, far, "img")
-
-
 def test_detection_to_executorch_is_refused_in_one_line(detector):
     run = detector[0]
     code, _, stderr = export(run, run, "--format", "executorch")

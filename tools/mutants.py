@@ -57,7 +57,7 @@ DEFAULT_MODULES = ["engine", "data"]
 # The unit tests: in-process, seconds each. The end-to-end tests (scripts in subprocesses) are left out:
 # their lines are not traced, and a mutant that only a minute-long run notices is a missing unit test.
 TESTS = ["tests/engine", "tests/data", "tests/test_config.py", "tests/test_datacheck.py", "tests/test_recipes.py",
-         "tests/test_slurm.py", "tests/test_launch_errors.py"]
+         "tests/test_slurm.py", "tests/test_launch_errors.py", "tests/deploy"]
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", ".mutants", "runs", "toy_data", "__pycache__",
                                      "*.egg-info", ".pytest_cache", ".ruff_cache")
 SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==",

@@ -48,3 +48,14 @@ def test_lookup_table_operations_equal_pillows(photos):
             assert autoaugment.posterize(image, bits).tobytes() == ImageOps.posterize(image, bits).tobytes()
         for threshold in (0.0, 1.0, 127.5, 227.66666, 255.0):
             assert autoaugment.solarize(image, threshold).tobytes() == ImageOps.solarize(image, threshold).tobytes()
+
+
+def test_equalize_equals_pillows_where_each_bin_step_is_small():
+    """Small images (toy crops): per band, step = (pixels - the last bin's count) // 255 is 1, 2 or 3, where a
+    wrong divisor or rounding shows in every table entry."""
+    rng = np.random.default_rng(0)
+    for pixels in (300, 600, 900):
+        for mode in ("RGB", "L"):
+            shape = (pixels // 20, 20, 3) if mode == "RGB" else (pixels // 20, 20)
+            image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+            assert autoaugment.equalize(image).tobytes() == ImageOps.equalize(image).tobytes(), (pixels, mode)

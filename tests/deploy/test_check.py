@@ -1,5 +1,6 @@
-"""deploy/check.py's int8 rule: within 1 point of the eager int8 model's Acc@1, or a difference the exact
-McNemar test does not tell from rounding flips. The logits are built so that chosen images are right for
+"""deploy/check.py: the detection matching (near-tied scores in either order), and the int8 rule: within
+1 point of the eager int8 model's Acc@1, or a difference the exact McNemar test does not tell from rounding
+flips. The logits are built so that chosen images are right for
 one model, the other or both; the p-values are computed by hand from the binomial distribution."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deploy.check import CheckFailed, check_classification, mcnemar_p
+from deploy.check import CheckFailed, check_classification, match_detections, mcnemar_p
 
 
 def models(n: int, both: int, only_export: int, only_eager: int):
@@ -67,3 +68,21 @@ def test_on_a_large_val_set_it_is_the_one_point_rule():
 def test_float_exports_are_held_to_the_logits_not_to_the_paired_test():
     with pytest.raises(CheckFailed, match="logits differ by up to 1"):
         check_classification(*models(100, 84, 2, 0), int8=False)
+
+
+def test_near_tied_detections_are_matched_by_label_and_box_not_by_position():
+    ref = {"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [5, 5, 9, 9]]),
+           "labels": torch.tensor([1, 1, 2]), "scores": torch.tensor([0.50005, 0.5, 0.3])}
+    swapped = {"boxes": ref["boxes"][[1, 0, 2]], "labels": ref["labels"][[1, 0, 2]],
+               "scores": torch.tensor([0.50002, 0.50001, 0.3])}  # scores within 1e-4: either order is right
+    assert match_detections(ref, swapped, "img")["boxes_px"] == 0.0
+    moved = {**swapped, "boxes": swapped["boxes"] + torch.tensor([0.0, 0.0, 1.0, 0.0])}
+    with pytest.raises(CheckFailed, match="boxes differ by up to 1 px"):
+        match_detections(ref, moved, "img")
+    far = {**swapped, "scores": torch.tensor([0.6, 0.50001, 0.3])}  # not a tie: a real difference
+    with pytest.raises(CheckFailed, match=r"detection 1 \(label 1, score 0.5\) has no counterpart"):
+        match_detections(ref, far, "img")
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    assert match_detections(empty, empty, "img") == {"detections": 0, "boxes_px": 0.0, "scores": 0.0}
+    with pytest.raises(CheckFailed, match="img: 3 detections from the export, 0 from PyTorch"):
+        match_detections(empty, ref, "img")

@@ -85,12 +85,15 @@ class _Cfg:
     run: RunConfig
 
 
-def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None, print_freq=1000, log=None):
-    cfg = _Cfg(_Schedule(epochs), _run_cfg(print_freq=print_freq, divergence_factor=factor))
-    run = SimpleNamespace(log=log or _NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None,
-                          changes={})
+def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None, print_freq=1000, log=None,
+          ema=None, ema_every=1, keep_checkpoints=None, state=None):
+    cfg = _Cfg(_Schedule(epochs), _run_cfg(print_freq=print_freq, divergence_factor=factor,
+                                           keep_checkpoints=keep_checkpoints))
+    run = SimpleNamespace(log=log or _NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=state,
+                          changes={}, resume_path=tmp_path / "checkpoints" / "last.pt")
     schedule = EpochSchedule(ScheduleConfig(epochs=epochs, name="constant"), optimizer)
-    return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip)
+    return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip, ema=ema,
+                ema_every=ema_every)
 
 
 def _data(n=40, seed=0):
@@ -101,6 +104,19 @@ def _data(n=40, seed=0):
 def _model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _epoch(loop, model, n, micro, epoch=0, before=None, after=None):
+    """One epoch of cross-entropy steps over _data(n) in micro-batches; before(i) / after(i) around each."""
+    loader = DataLoader(_data(n), batch_sampler=EpochBatches(SequentialSampler(range(n)), micro))
+    for i, (x, y) in enumerate(loop.batches(loader, epoch)):
+        if before:
+            before(i)
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loop.backward(loss, images=len(x))
+        if after:
+            after(i)
 
 
 def _train(opt_cfg, micro, accumulate, n, tmp_path, clip=None):
@@ -206,11 +222,7 @@ def test_batch_mode_prints_a_progress_line_every_print_freq_optimizer_steps_and_
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     # 44 samples in micro-batches of 4 = 11 micro-batches, groups of 2: 6 optimizer steps
     loop = _loop(model, opt, BatchPlan(1, 4, 2, None, "none"), tmp_path, print_freq=4, log=_Printing(tmp_path))
-    loader = DataLoader(_data(44), batch_sampler=EpochBatches(SequentialSampler(range(44)), 4))
-    for x, y in loop.batches(loader, 3):
-        with loop.forward():
-            loss = nn.functional.cross_entropy(model(x), y)
-        loop.backward(loss, images=len(x))
+    _epoch(loop, model, 44, 4, epoch=3)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" eta ")[0] for line in lines] == ["epoch 3 4/6", "epoch 3 6/6"], lines
     assert all(" loss " in line and " lr 0 " in line and " img_s " in line for line in lines), lines
@@ -470,17 +482,9 @@ def test_the_ema_is_updated_every_ema_every_optimizer_steps(tmp_path):
         def update(self, m):
             seen.append(m[0].weight.detach().clone())
 
-    loop = Loop(_Cfg(_Schedule(1), _run_cfg(print_freq=1000)), DistState(),
-                SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path, out_dir=tmp_path, state=None, changes={}),
-                model, opt, EpochSchedule(ScheduleConfig(epochs=1, name="constant"), opt),
-                BatchPlan(1, 8, 1, None, "none"), ema=Ema(), ema_every=2)
+    loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, ema=Ema(), ema_every=2)
     weights = []
-    loader = DataLoader(_data(40), batch_sampler=EpochBatches(SequentialSampler(range(40)), 8))
-    for x, y in loop.batches(loader, 0):
-        with loop.forward():
-            loss = nn.functional.cross_entropy(model(x), y)
-        loop.backward(loss, images=len(x))
-        weights.append(model[0].weight.detach().clone())
+    _epoch(loop, model, 40, 8, after=lambda i: weights.append(model[0].weight.detach().clone()))
     assert len(weights) == 5 and len(seen) == 2
     assert torch.equal(seen[0], weights[1]) and torch.equal(seen[1], weights[3])
 
@@ -494,12 +498,7 @@ def test_progress_lines_give_the_images_per_second_since_the_epoch_began(tmp_pat
     model = nn.Linear(6, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     loop = _loop(model, opt, BatchPlan(1, 4, 1, None, "none"), tmp_path, print_freq=2, log=_Printing(tmp_path))
-    loader = DataLoader(_data(16), batch_sampler=EpochBatches(SequentialSampler(range(16)), 4))
-    for i, (x, y) in enumerate(loop.batches(loader, 0)):
-        clock.t = 10.0 * (i + 1)
-        with loop.forward():
-            loss = nn.functional.cross_entropy(model(x), y)
-        loop.backward(loss, images=len(x))
+    _epoch(loop, model, 16, 4, before=lambda i: setattr(clock, "t", 10.0 * (i + 1)))
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" eta ")[0] for line in lines] == ["epoch 0 2/4", "epoch 0 4/4"], lines
     assert all(line.endswith(" img_s 0.4") for line in lines), lines
@@ -525,23 +524,14 @@ def test_the_ema_weights_are_restored_on_resume(tmp_path):
             pass
 
     model, ema = _model(), Ema(1)
-    loop = Loop(_Cfg(_Schedule(3), _run_cfg(print_freq=1000)), DistState(),
-                SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=None,
-                                changes={}),
-                model, torch.optim.SGD(model.parameters(), lr=0.1),
-                EpochSchedule(ScheduleConfig(epochs=3, name="constant"), torch.optim.SGD(model.parameters(), lr=0.1)),
-                BatchPlan(1, 8, 1, None, "none"), ema=ema)
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3, ema=ema)
     _constant_losses(loop, model, 16, 8, [1.0, 2.0])
     loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
     fresh = Ema(2)
     assert not torch.equal(fresh.module.weight, ema.module.weight)
-    again = Loop(_Cfg(_Schedule(3), _run_cfg(print_freq=1000)), DistState(),
-                 SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path,
-                                 state=checkpoint.load(tmp_path / "checkpoints" / "last.pt"), changes={},
-                                 resume_path=tmp_path / "checkpoints" / "last.pt"),
-                 _model(), torch.optim.SGD(_model().parameters(), lr=0.1),
-                 EpochSchedule(ScheduleConfig(epochs=3, name="constant"), torch.optim.SGD(_model().parameters(), lr=0.1)),
-                 BatchPlan(1, 8, 1, None, "none"), ema=fresh)
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                  tmp_path, epochs=3, ema=fresh, state=checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
     again.resume()
     assert torch.equal(fresh.module.weight, ema.module.weight) and torch.equal(fresh.module.bias, ema.module.bias)
 
@@ -555,12 +545,8 @@ def test_a_fixed_accumulation_of_1_is_a_plain_step_and_0_is_refused():
 
 def test_each_epoch_end_keeps_the_newest_run_keep_checkpoints_epoch_files(tmp_path):
     model = _model()
-    cfg = _Cfg(_Schedule(5), _run_cfg(print_freq=1000, keep_checkpoints=2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loop = Loop(cfg, DistState(), SimpleNamespace(log=_NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path,
-                                                  state=None, changes={}),
-                model, opt, EpochSchedule(ScheduleConfig(epochs=5, name="constant"), opt),
-                BatchPlan(1, 8, 1, None, "none"))
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=5, keep_checkpoints=2)
     for epoch in range(4):
         loop.start_epoch = epoch
         _constant_losses(loop, model, 16, 8, [1.0, 2.0])
@@ -577,17 +563,12 @@ def test_on_resume_the_recipes_hyperparameters_replace_the_checkpoints(tmp_path)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
-    loader = DataLoader(_data(16), batch_sampler=EpochBatches(SequentialSampler(range(16)), 8))
-    for x, y in loop.batches(loader, 0):
-        with loop.forward():
-            loss = nn.functional.cross_entropy(model(x), y)
-        loop.backward(loss, images=len(x))
+    _epoch(loop, model, 16, 8)
     loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
     new_model = _model()
     new_opt = torch.optim.SGD(new_model.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
-    again = _loop(new_model, new_opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path))
-    again.run.state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    again.run.resume_path = tmp_path / "checkpoints" / "last.pt"
+    again = _loop(new_model, new_opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=3, log=_Rows(tmp_path),
+                  state=checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
     again.resume()
     group = new_opt.param_groups[0]
     assert (group["momentum"], group["weight_decay"]) == (0.5, 1e-3)
