@@ -2,6 +2,7 @@
 last group, the divergence guard and mid-epoch skipping."""
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -86,14 +87,14 @@ class _Cfg:
 
 
 def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None, print_freq=1000, log=None,
-          ema=None, ema_every=1, keep_checkpoints=None, state=None):
+          ema=None, ema_every=1, keep_checkpoints=None, state=None, schedule=None, changes=None, **kw):
     cfg = _Cfg(_Schedule(epochs), _run_cfg(print_freq=print_freq, divergence_factor=factor,
                                            keep_checkpoints=keep_checkpoints))
     run = SimpleNamespace(log=log or _NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=state,
-                          changes={}, resume_path=tmp_path / "checkpoints" / "last.pt")
-    schedule = EpochSchedule(ScheduleConfig(epochs=epochs, name="constant"), optimizer)
+                          changes=changes or {}, resume_path=tmp_path / "checkpoints" / "last.pt")
+    schedule = EpochSchedule(schedule or ScheduleConfig(epochs=epochs, name="constant"), optimizer)
     return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip, ema=ema,
-                ema_every=ema_every)
+                ema_every=ema_every, **kw)
 
 
 def _data(n=40, seed=0):
@@ -574,3 +575,190 @@ def test_on_resume_the_recipes_hyperparameters_replace_the_checkpoints(tmp_path)
     assert (group["momentum"], group["weight_decay"]) == (0.5, 1e-3)
     buffers = [new_opt.state[p]["momentum_buffer"] for p in new_model.parameters()]
     assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters()))
+
+
+def test_with_a_grad_scaler_the_clip_and_the_step_see_the_unscaled_gradient_and_the_scale_resumes(tmp_path):
+    """train.amp with a GradScaler: the loss is scaled for backward, the gradient unscaled before the clip
+    (else the clip would act on a gradient 2^10 times too large) and before the step: the weights are those
+    of plain clipped SGD, computed here by hand. The scale grows after every step without inf/nan
+    (growth_interval 1) and travels in the checkpoint."""
+    from engine import checkpoint
+
+    x, y = _data(16)[:]
+    ref = _model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for i in range(2):  # two steps of 8 images, clipped to norm 0.05
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x[8 * i:8 * i + 8]), y[8 * i:8 * i + 8]).backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+    model = _model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.5), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=2, clip=0.05, scaler=scaler)
+    _epoch(loop, model, 16, 8)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert scaler.get_scale() == 2.0 ** 12
+    loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0 ** 3, growth_interval=1)
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.5), BatchPlan(1, 8, 1, None, "none"),
+                  tmp_path, epochs=2, scaler=fresh, state=checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
+    again.resume()
+    assert fresh.get_scale() == 2.0 ** 12
+
+
+def test_a_resume_with_recipe_changes_records_them_in_a_row_of_metrics_jsonl(tmp_path):
+    """run.allow_changes: what changed since the checkpoint (old and new value per key) is a row of its own,
+    beside the epochs' rows, at the epoch the run continues with."""
+    from engine import checkpoint
+
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3, log=_Rows(tmp_path))
+    _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+    loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                  tmp_path, epochs=3, log=_Rows(tmp_path), state=checkpoint.load(tmp_path / "checkpoints" / "last.pt"),
+                  changes={"optimizer.lr": (0.1, 0.05), "schedule.epochs": (2, 3)})
+    again.resume()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("row") for r in rows] == [None, "recipe change"] and rows[0]["epoch"] == 0
+    assert rows[1] == {"row": "recipe change", "epoch": 1, "changes": {"optimizer.lr": {"old": 0.1, "new": 0.05},
+                                                                       "schedule.epochs": {"old": 2, "new": 3}}}
+
+
+def test_ranks_with_different_batch_counts_are_refused_before_the_epoch_starts(tmp_path, monkeypatch):
+    """Every rank must take the same number of optimizer steps (else the all-reduces hang): the counts are
+    compared with one max-reduce of (n, -n). Here the other rank is simulated with 7 batches to our 5."""
+    import engine.loop
+    from engine.errors import UserError
+
+    def other_rank_has_7(t, dist):
+        t.copy_(torch.maximum(t, torch.tensor([7, -7])))
+
+    monkeypatch.setattr(engine.loop.distributed, "all_reduce_max", other_rank_has_7)
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path)
+    with pytest.raises(UserError) as err:
+        _epoch(loop, model, 40, 8, epoch=0)
+    assert str(err.value) == ("epoch 0: the ranks have different numbers of batches (5 to 7); the training "
+                              "sampler must pad shards")
+
+
+def test_epoch_0_warm_up_sets_each_steps_lr_as_torchvisions_linear_lr(tmp_path):
+    """schedule.warmup_iters (detection): every optimizer step of epoch 0 gets its own LR, that of
+    torch's LinearLR(start_factor=warmup_factor, total_iters=min(warmup_iters, steps - 1)) stepped once per
+    iteration; epoch 1 is at the full LR throughout."""
+    ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
+    ref = torch.optim.lr_scheduler.LinearLR(ref_opt, start_factor=0.1, total_iters=3)
+    expected = []
+    for _ in range(5):
+        expected.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path, epochs=2,
+                 schedule=ScheduleConfig(epochs=2, name="constant", warmup_iters=3, warmup_factor=0.1))
+    seen = []
+    _epoch(loop, model, 40, 8, before=lambda i: seen.append(opt.param_groups[0]["lr"]))
+    assert seen == pytest.approx(expected) and expected[0] == pytest.approx(0.02)
+    seen.clear()
+    _epoch(loop, model, 40, 8, epoch=1, before=lambda i: seen.append(opt.param_groups[0]["lr"]))
+    assert seen == pytest.approx([0.2] * 5)
+
+
+def test_a_signal_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, monkeypatch, capsys):
+    """A signal that arrives while the epoch is evaluated: end_epoch writes the epoch's checkpoint and row
+    first, then stops; the message says the checkpoint is the epoch's own."""
+    import signal
+
+    from engine import checkpoint
+    from engine.errors import Preempted
+    from engine.runlog import read_metrics
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3, log=_Rows(tmp_path))
+    loop.start_epoch = 1
+    _epoch(loop, model, 16, 8, epoch=1)
+    monkeypatch.setattr(loop._preempt, "agreed", lambda: signal.SIGTERM)
+    with pytest.raises(Preempted) as err:
+        loop.end_epoch(1, {"acc1": 3.0}, loop.epoch_stats())
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert err.value.message == (f"stopped by SIGTERM at the end of epoch 1 (after its evaluation): its "
+                                 f"checkpoint {last} written; the same command resumes exactly")
+    assert checkpoint.load(last)["position"] == {"epoch": 2, "micro": 0}
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_a_full_disk_says_whether_a_previous_checkpoint_is_intact(tmp_path, monkeypatch):
+    from engine import checkpoint
+    from engine.errors import UserError
+
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3)
+    real_save = checkpoint.save
+
+    def full(state, path):
+        raise checkpoint.NoSpace(path)
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    _epoch(loop, model, 16, 8)
+    with pytest.raises(UserError) as err:
+        loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    ckpt = tmp_path / "checkpoints"
+    assert str(err.value) == (f"no space left on device while writing {ckpt / 'epoch_000.pt'}; no checkpoint was "
+                              "written yet")
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    loop.start_epoch = 0
+    _epoch(loop, model, 16, 8)
+    loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    monkeypatch.setattr(checkpoint, "save", full)
+    _epoch(loop, model, 16, 8, epoch=1)
+    with pytest.raises(UserError) as err:
+        loop.end_epoch(1, {"acc1": 1.0}, loop.epoch_stats())
+    assert str(err.value) == (f"no space left on device while writing {ckpt / 'epoch_001.pt'}; the previous "
+                              f"checkpoint {ckpt / 'last.pt'} is intact")
+
+
+def test_save_extra_adds_its_entries_to_every_checkpoint(tmp_path):
+    """QAT's observer state and the like: `save_extra()` is called at each save and its keys stored."""
+    from engine import checkpoint
+
+    model = _model()
+    calls = []
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3, save_extra=lambda: calls.append(1) or {"qat": {"frozen": len(calls)}})
+    for epoch in range(2):
+        _epoch(loop, model, 16, 8, epoch=epoch)
+        loop.end_epoch(epoch, {"acc1": 1.0}, loop.epoch_stats())
+    assert checkpoint.load(tmp_path / "checkpoints" / "epoch_000.pt")["qat"] == {"frozen": 1}
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["qat"] == {"frozen": 2}
+
+
+def test_finish_restores_the_handlers_closes_the_log_writes_the_report_and_releases_the_run(tmp_path):
+    import signal
+
+    events = []
+
+    class Log(_NoLog):
+        def close(self):
+            events.append("close")
+
+    before = signal.getsignal(signal.SIGTERM)
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3, log=Log())
+    assert signal.getsignal(signal.SIGTERM) is not before  # the loop's handler, from its construction on
+    loop.run.write_report = lambda: events.append("report")
+    loop.run.release = lambda: events.append("release")
+    loop.finish()  # no epoch done: no report
+    assert events == ["close", "release"] and signal.getsignal(signal.SIGTERM) is before
+    events.clear()
+    loop.history.append({"epoch": 0, "acc1": 1.0})
+    loop.finish()
+    assert events == ["close", "report", "release"]
