@@ -417,3 +417,21 @@ def test_an_erase_box_in_the_top_left_corner_is_erased():
         raise AssertionError("no top-left draw in 500 seeds")
     torch.manual_seed(seed)
     assert tf.erase_box(torch.zeros(8, 8, 3, dtype=torch.uint8)).tolist() == [1, 0, 0, h, w]
+
+
+def test_the_default_erasing_box_is_torchvisions_random_erasing_one():
+    """A recipe that states no erasing_scale / erasing_ratio erases as torchvision's RandomErasing defaults
+    (the reference's --random-erase), the box's area fraction and aspect ratio."""
+    cfg = _cfg("unused")
+    assert list(cfg.validate()) == []  # (a call into the module: tools/mutants.py selects tests by the lines they run)
+    reference = T.RandomErasing()
+    assert tuple(cfg.erasing_scale) == tuple(reference.scale) and tuple(cfg.erasing_ratio) == tuple(reference.ratio)
+
+
+def test_a_file_that_is_no_image_is_named_with_its_first_eight_bytes():
+    from data.classification import DataError, decode_bytes
+
+    with pytest.raises(DataError) as err:
+        decode_bytes(b"Hello, world: plain text", "x.jpg")
+    assert str(err.value) == ("x.jpg: not an image (the file starts with bytes 48 65 6c 6c 6f 2c 20 77, not a JPEG, "
+                              "PNG, WebP or GIF signature)")
