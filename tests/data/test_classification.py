@@ -435,3 +435,16 @@ def test_a_file_that_is_no_image_is_named_with_its_first_eight_bytes():
         decode_bytes(b"Hello, world: plain text", "x.jpg")
     assert str(err.value) == ("x.jpg: not an image (the file starts with bytes 48 65 6c 6c 6f 2c 20 77, not a JPEG, "
                               "PNG, WebP or GIF signature)")
+
+
+def test_steps_per_epoch_is_the_batch_count_of_one_ranks_padded_training_shard():
+    """What train_qat.py derives the observer/BN freeze steps from: the batches (last one short) of a rank's
+    training sampler, which pads the dataset to a multiple of the process count, as DistributedSampler does."""
+    from torch.utils.data import BatchSampler
+
+    from data.classification import steps_per_epoch
+
+    for n, world, batch in [(1000, 8, 32), (1001, 8, 32), (1000, 1, 32), (10, 4, 1), (7, 3, 2)]:
+        sampler = EpochSampler(n, rank=world - 1, world_size=world, seed=0, train=True)
+        assert steps_per_epoch(n, world, batch) == len(BatchSampler(sampler, batch, drop_last=False)), (n, world)
+    assert [steps_per_epoch(1000, 8, 32), steps_per_epoch(1001, 8, 32), steps_per_epoch(10, 4, 1)] == [4, 4, 3]
