@@ -246,7 +246,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, set[str], list[str]]:
     bad: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
+        if not sep or any(not part for part in key.split(".")):
             bad.append(f"{COMMAND_LINE}: {item!r}: expected section.key=value")
             continue
         node = nested

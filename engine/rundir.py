@@ -175,7 +175,8 @@ def _open(cfg: Any, dist: DistState, out_dir: Path, operational: frozenset[str])
     else:
         path = Path(resume)
         if not path.is_file():
-            raise RunDirError(f"run.resume: {path} does not exist (use run.resume=auto to continue {out_dir})")
+            what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+            raise RunDirError(f"run.resume: {path} {what} (use run.resume=auto to continue {out_dir})")
         state = checkpoint.load(path, map_location="cpu")
     if state is None:
         notes.append(f"run.resume=auto: no checkpoint in {ckpt_dir}, starting from scratch")

@@ -390,3 +390,61 @@ def test_overrides_nest_by_every_dot_of_the_key():
     assert keys == {"a.b.c", "a.b.d", "run.seed"}
     _, _, bad = parse_overrides(["a.b=1", "a.b.c=2"])
     assert bad == ["command line: a.b.c: conflicts with an earlier override"]
+
+
+def test_a_value_no_member_of_a_union_takes_is_named_with_the_key_and_the_union(tmp_path):
+    """`size: int | tuple[int, int]`: a value neither member takes is one problem naming both members and the
+    value as given (a string, a list of the wrong length), from the recipe or the command line."""
+    p = tmp_path / "r.yaml"
+    p.write_text("sized: {size: big}\nrun: {output_dir: out, seed: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SizedCfg, p)
+    assert err.value.problems == [f"{p}: sized.size: expected int or a list of 2 (int, int), got 'big'"]
+    with pytest.raises(ConfigError) as err:
+        load_config(SizedCfg, p, ["sized.size=[1, 2, 3]"])
+    assert err.value.problems == [
+        "command line: sized.size: expected int or a list of 2 (int, int), got [1, 2, 3]"]
+    assert load_config(SizedCfg, p, ["sized.size=[1, 2]"]).sized.size == (1, 2)  # the second member takes it
+
+
+def test_a_section_given_a_value_that_is_no_mapping_names_the_section_and_its_type(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optimizer: 3\nrun: [1, 2]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    assert err.value.problems == [f"{p}: optimizer: expected a mapping (Opt), got 3",
+                                  f"{p}: run: expected a mapping (RunConfig), got [1, 2]"]
+    p.write_text(RECIPE)
+    with pytest.raises(ConfigError) as err:  # a whole section replaced on the command line
+        load_config(Cfg, p, ["optimizer=3"])
+    assert err.value.problems == ["command line: optimizer: expected a mapping (Opt), got 3"]
+
+
+def test_malformed_overrides_are_each_named_and_reported_together(recipe):
+    from engine.config import parse_overrides
+
+    malformed = ["foo", "=3", "run.=3", ".x=1", "run..x=1"]
+    expected = [f"command line: {item!r}: expected section.key=value" for item in malformed]
+    nested, keys, bad = parse_overrides(malformed[:2] + ["run.seed=3"] + malformed[2:])
+    assert bad == expected
+    assert nested == {"run": {"seed": "3"}} and keys == {"run.seed"}  # the well-formed one among them is kept
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, malformed)
+    assert err.value.problems == expected
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["run.seed=1", "--recipe"], "command line: --recipe needs a path"),
+    (["--recipe", "r.yaml", "--foo"], "command line: unknown option '--foo'"),
+    (["run.seed=1", "--print-config"], "command line: --recipe PATH is required"),
+])
+def test_a_cli_without_a_recipe_or_with_an_unknown_option_exits_2_saying_so(capsys, argv, problem):
+    from engine.config import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(Cfg, argv, prog="t.py")
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    assert captured.err.splitlines() == [
+        "t.py: 1 problem with the configuration:", f"  {problem}",
+        "usage: t.py --recipe PATH [--print-config] [--check-data] [section.key=value ...]"]

@@ -135,3 +135,34 @@ def test_check_data_names_every_image_that_fails_and_how_many_of_how_many(tmp_pa
     lines = str(err.value).splitlines()
     assert lines[0] == "--check-data: 1 of 2 images cannot be used:" and lines[1].startswith(f"  {bad}: ")
     assert len(lines) == 2
+
+
+def test_the_val_check_logs_how_many_headers_it_read_and_how_long_it_took(tmp_path):
+    """One line after a clean check: every path counted and the time the call took (0.0 s for 3 tiny
+    images; never more than the call's own duration); nothing when the check refuses the set."""
+    import re
+    import time
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def info(self, text):
+            self.lines.append(text)
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((4, 5, 3), i, dtype=np.uint8)).save(paths[-1])
+    log = Log()
+    start = time.perf_counter()
+    check_val_images(paths, [(4, 5)] * 3, "ann.json", decode, 1, DistState(), log)
+    took = time.perf_counter() - start
+    [line] = log.lines
+    match = re.fullmatch(r"validation set: 3 image headers checked in (\d+\.\d) s", line)
+    assert match, line
+    assert 0.0 <= float(match[1]) <= took + 0.05  # .1f rounds to the nearest tenth
+    log = Log()
+    with pytest.raises(DataError):
+        check_val_images(paths, [(4, 6)] * 3, "ann.json", decode, 1, DistState(), log)
+    assert log.lines == []

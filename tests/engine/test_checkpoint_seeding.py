@@ -231,3 +231,43 @@ def test_a_full_disk_is_found_anywhere_in_an_exception_chain_even_a_cyclic_one()
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__cause__, b.__context__ = b, a  # a cycle: the walk must end
     assert checkpoint._no_space(a) is False
+
+
+def test_a_legacy_checkpoint_that_cannot_be_mapped_is_read_whole_and_a_failed_plain_read_is_not_retried(
+        tmp_path, monkeypatch):
+    """mmap=True on a file in torch's legacy (non-zip) format: torch refuses to map it (RuntimeError), so it
+    is read whole, weights_only as every load, with the same values. Without mmap a RuntimeError (a
+    truncated zip) is the one "not a readable checkpoint" error after a single read."""
+    import datetime
+
+    legacy = tmp_path / "legacy.pt"
+    obj = checkpoint.new({"w": torch.arange(6.0).reshape(2, 3)}, epoch=4)
+    torch.save(obj, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match="mmap"):  # the premise: torch cannot map it
+        torch.load(legacy, weights_only=True, mmap=True)
+    for mmap in (True, False):
+        loaded = checkpoint.load(legacy, mmap=mmap)
+        assert loaded["epoch"] == 4 and loaded["version"] == checkpoint.FORMAT_VERSION, mmap
+        assert torch.equal(loaded["model"]["w"], torch.arange(6.0).reshape(2, 3)), mmap
+    # the fallback read is weights_only too: a pickled object outside the allowed types is refused, not run
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"w": torch.ones(1), "when": datetime.date(2020, 1, 1)}, unsafe,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError) as err:
+        checkpoint.load(unsafe, mmap=True)
+    assert str(err.value).startswith(f"{unsafe}: not a readable checkpoint (UnpicklingError: ")
+
+    truncated = tmp_path / "truncated.pt"
+    checkpoint.save(obj, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    real_load, calls = torch.load, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    with pytest.raises(ValueError) as err:
+        checkpoint.load(truncated, mmap=False)
+    assert str(err.value).startswith(f"{truncated}: not a readable checkpoint (RuntimeError: ")
+    assert calls == [False]  # no second read without mmap: it would fail the same way

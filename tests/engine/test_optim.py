@@ -294,3 +294,33 @@ def test_cosine_without_min_lr_ends_at_0_as_torchs_cosine_annealing():
         assert ours.set(opt, epoch) == pytest.approx(ref_opt.param_groups[0]["lr"], abs=1e-12), epoch
         ref_opt.step()
         ref.step()
+
+
+def test_adamw_is_torchs_adamw_with_the_recipe_s_hyperparameters_and_decay_groups():
+    """name: adamw builds torch.optim.AdamW with lr, betas and eps (PyTorch's, as given) over the two decay
+    groups; the oracle is torch.optim.AdamW built here by hand: the same groups and the same two steps
+    (two, since the bias correction makes the first step independent of the betas)."""
+    cfg = OptimizerConfig(name="adamw", lr=0.05, weight_decay=0.1, norm_weight_decay=0.0, betas=(0.5, 0.6),
+                          eps=0.3)
+    models = []
+    for _ in range(2):  # each initialised right after its seed (LazyLinear draws at the first forward)
+        models.append(_model())
+        models[-1](torch.zeros(1, 3, 5, 5))
+    ours = build_optimizer(cfg, param_groups(models[0], cfg.weight_decay, cfg.norm_weight_decay))
+    decay, norm = param_groups(models[1], 0.1, 0.0)
+    ref = torch.optim.AdamW([decay, norm], lr=0.05, betas=(0.5, 0.6), eps=0.3)
+    assert type(ours) is torch.optim.AdamW
+
+    def hyper(opt):
+        return [(g["lr"], g["betas"], g["eps"], g["weight_decay"], len(g["params"]))
+                for g in opt.param_groups]
+
+    assert hyper(ours) == hyper(ref) == [(0.05, (0.5, 0.6), 0.3, 0.1, 2), (0.05, (0.5, 0.6), 0.3, 0.0, 4)]
+    for scale in (0.2, 1.5):  # gradients of the size of eps: eps and the betas show in the step
+        for m, opt in zip(models, (ours, ref)):
+            for i, p in enumerate(m.parameters()):
+                p.grad = torch.linspace(-scale, scale, p.numel()).reshape(p.shape) * (i + 1)
+            opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(models[0].parameters()), next(_model().parameters()))  # it did step

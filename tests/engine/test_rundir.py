@@ -246,3 +246,20 @@ def test_release_gives_the_directory_up_at_once_and_twice_is_harmless(tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert other.stdout == "taken\n", other.stderr  # `run` is still referenced: release closed the lock itself
     assert run.lock is None
+
+
+def test_resume_from_an_explicit_path_loads_it_or_names_the_missing_file(tmp_path):
+    """run.resume=PATH: that checkpoint (here another directory's), or, when no file is there, a RunDirError
+    naming it and run.resume=auto, before anything is read."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    given = _checkpoints(other, _cfg(out)) / "epoch_000.pt"  # the same recipe: no changes to refuse
+    run = _open(_cfg(out, resume=str(given)))
+    assert run.state["epoch"] == 0 and run.resume_path == given and run.changes == {}
+    missing = tmp_path / "nowhere" / "last.pt"
+    with pytest.raises(RunDirError) as err:
+        _open(_cfg(out, resume=str(missing)))
+    assert str(err.value) == f"run.resume: {missing} does not exist (use run.resume=auto to continue {out})"
+    with pytest.raises(RunDirError) as err:  # a directory is no checkpoint file either
+        _open(_cfg(out, resume=str(other)))
+    assert str(err.value) == (f"run.resume: {other} is a directory, not a checkpoint file (use run.resume=auto to "
+                              f"continue {out})")
