@@ -435,3 +435,103 @@ def test_the_writer_reports_every_tenth_shard_and_the_last(folder, tmp_path, cap
     want = sorted(set(list(range(10, n + 1, 10)) + [n]))
     assert [line.split(": ")[1].split(" shards, ")[0] for line in lines] == [f"{k}/{n}" for k in want]
     assert [int(line.split(" shards, ")[1].split()[0]) for line in lines] == want  # one sample per shard
+
+
+def test_a_missing_index_says_to_read_a_folder_of_images_only_when_the_split_folder_exists(folder, tmp_path):
+    """data.format=shards on an ImageFolder root: its split folder exists but holds images, so the message
+    says to set data.format=folder; a split folder that is not there at all gets no such hint."""
+    assert _message(lambda: shards.load_index(folder / "train")) == (
+        f"{folder / 'train/index.json'}: shard index not found; data.format shards expects data.root/train/index.json "
+        "as tools/make_shards.py writes it (it holds image files: set data.format=folder)")
+    assert _message(lambda: shards.load_index(tmp_path / "val")) == (
+        f"{tmp_path / 'val/index.json'}: shard index not found; data.format shards expects data.root/val/index.json "
+        "as tools/make_shards.py writes it")
+
+
+def test_a_pickled_reader_reads_the_same_bytes_with_its_own_lock_and_descriptors(folder, written):
+    """DataLoader workers get the reader pickled (spawn) while the parent may hold its lock (the val check
+    reads from threads): the copy starts unlocked, with no descriptors of the parent's, and reads the
+    folder's bytes through descriptors it opens itself."""
+    import pickle
+
+    src = shards.ShardSource(written / "val", "imagefolder")
+    last = len(src) - 1
+    assert src.read(last) == (folder / "val" / src.names[last]).read_bytes()
+    src.index_of(src.name(0))
+    with src._lock:  # held while pickling: the copy must not inherit a held lock
+        clone = pickle.loads(pickle.dumps(src))
+    assert clone._lock is not src._lock and not clone._lock.locked()
+    assert len(clone._fds) == 0 and clone._by_name is None
+    assert clone.names == src.names and clone.files == src.files
+    assert clone.read(last) == src.read(last) == (folder / "val" / src.names[last]).read_bytes()
+    shard = int(src._shard[last])
+    assert list(clone._fds) == [shard] and clone._fds[shard] != src._fds[shard]
+    assert os.path.realpath(f"/proc/self/fd/{clone._fds[shard]}") == os.path.realpath(src.files[shard])
+    assert clone.index_of(src.name(last)) == last
+
+
+def test_annotation_images_the_shards_do_not_hold_are_named_with_their_count(written, tmp_path):
+    """An annotation file that lists images absent from the shard set (written from another annotation
+    file): one message with the annotation file, how many are absent, the shard folder and the first absent
+    name in the annotation's order; images that are all held map to their sample positions."""
+    src = shards.ShardSource(written / "val", "imagefolder")
+    ann = tmp_path / "instances_val2017.json"
+    assert src.match([src.names[2], src.names[0]], [7, 8], ann) == [2, 0]
+    files = [src.names[0], "n0/absent_first.jpg", src.names[1], "n0/absent_second.jpg"]
+    assert _message(lambda: src.match(files, [1, 2, 3, 4], ann)) == (
+        f"{ann}: lists 2 image(s) that the shard set {written / 'val'} does not hold, e.g. n0/absent_first.jpg "
+        "(were the shards written from another annotation file?)")
+
+
+def test_verification_names_a_truncated_and_a_grown_shard_and_logs_what_it_checked(folder, written, tmp_path):
+    out = copy_set(written, tmp_path / "set")
+    val = out / "val"
+    logs = []
+    shards.verify_set(val, log=logs.append)
+    n_shards = len(list(val.glob("shard-*.tar")))
+    n_samples = len(list((folder / "val").rglob("*.jpg")))
+    assert n_shards > 1 and logs == [f"{val}: {n_shards} shards, {n_samples} samples: sizes and SHA-256 match the "
+                                     "index"]
+    first = val / "shard-00000.tar"
+    data = first.read_bytes()
+    first.write_bytes(data[:-100])
+    assert _message(lambda: shards.verify_set(val, log=logs.append)) == (
+        f"{first}: shard truncated: {len(data) - 100} bytes, its index says {len(data)}")
+    first.write_bytes(data + b"\0" * 512)
+    assert _message(lambda: shards.verify_set(val, log=logs.append)) == (
+        f"{first}: shard resized: {len(data) + 512} bytes, its index says {len(data)}")
+    assert len(logs) == 1  # a failed verification logs no success line
+
+
+def test_a_rewrite_with_fewer_shards_removes_the_shards_of_the_earlier_plan(tmp_path):
+    """A writer killed before its index, rerun after a source file was removed: the new plan has fewer
+    shards; the one the new index does not list is deleted, the others stay and hold the new samples."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    files = []
+    for k in range(3):  # 1000 bytes: a 512-byte header + 1024 padded = 1536, one sample per 1536-byte shard
+        (src_dir / f"{k}.bin").write_bytes(bytes([k]) * 1000)
+        files.append(str(src_dir / f"{k}.bin"))
+    out = tmp_path / "set" / "train"
+    names = [f"c/{k}.bin" for k in range(3)]
+    shards.write_set(out, names, files, [0, 0, 0], ["c"], shard_bytes=1536, log=lambda m: None)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-00000.tar", "shard-00001.tar",
+                                                              "shard-00002.tar"]
+    (out / "index.json").unlink()  # killed before the index (the last file of a split)
+    shards.write_set(out, names[:2], files[:2], [0, 0], ["c"], shard_bytes=1536, log=lambda m: None)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
+    reader = shards.ShardSource(out, "imagefolder")
+    assert [reader.read(i) for i in range(len(reader))] == [bytes([0]) * 1000, bytes([1]) * 1000]
+
+
+def test_the_default_stage_dir_is_slurms_local_folder_or_tmp_named_by_user_or_uid(monkeypatch):
+    """$SLURM_TMPDIR when SLURM sets it (an empty value counts as unset), else /tmp; the folder is named by
+    $USER, or by the uid where USER is not set (containers, cron)."""
+    monkeypatch.setenv("SLURM_TMPDIR", "/local/job42")
+    monkeypatch.setenv("USER", "alice")
+    assert shards.default_stage_dir() == Path("/local/job42/mbv3-shards-alice")
+    monkeypatch.setenv("SLURM_TMPDIR", "")
+    assert shards.default_stage_dir() == Path("/tmp/mbv3-shards-alice")
+    monkeypatch.delenv("SLURM_TMPDIR")
+    monkeypatch.delenv("USER")
+    assert shards.default_stage_dir() == Path(f"/tmp/mbv3-shards-{os.getuid()}")
