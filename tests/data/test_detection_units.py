@@ -201,3 +201,108 @@ def test_a_box_of_other_than_4_numbers_or_with_a_non_finite_one_is_named(tmp_pat
     for box in ([1.0, 2.0, float("nan"), 3.0], [1.0, 2.0, 3.0], [1.0, float("inf"), 3.0, 4.0]):
         with pytest.raises(DataError, match=r"annotation 1: bbox .* is not \[x, y, width >= 0"):
             read_annotations(_coco(tmp_path, [box]))
+
+
+def test_annotations_of_categories_the_file_does_not_list_are_each_named(tmp_path):
+    """Every annotation whose category_id 'categories' lacks is one problem (the file's later annotations
+    are still checked; such an annotation is not checked further, so its bad box adds nothing)."""
+    import json
+
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    doc = {"images": [{"id": 7, "file_name": "a.jpg", "height": 80, "width": 100}],
+           "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+           "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                           {"id": 2, "image_id": 7, "category_id": 3, "bbox": [1, 1, 5, 5]},
+                           {"id": 3, "image_id": 7, "category_id": 18, "bbox": [2, 2, 5, 5]},
+                           {"id": 4, "image_id": 7, "category_id": 90, "bbox": [1, 1, -5, 5]}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError) as err:
+        read_annotations(path)
+    assert str(err.value) == (f"{path}: 2 bad annotations:\n"
+                              "  annotation 2 has category_id 3, which 'categories' does not list\n"
+                              "  annotation 4 has category_id 90, which 'categories' does not list")
+    doc["annotations"] = doc["annotations"][:2]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError) as err:
+        read_annotations(path)
+    assert str(err.value) == (f"{path}: 1 bad annotation:\n"
+                              "  annotation 2 has category_id 3, which 'categories' does not list")
+
+
+def _coco_tree(root, split="train"):
+    """data.root with one split: images listed out of id order; image 5 (a.jpg) has only a 1-px-wide box,
+    which the train filter drops. The image files are empty: nothing here decodes them."""
+    import json
+
+    images = [(9, "z.jpg"), (2, "b.jpg"), (5, "a.jpg"), (7, "c.jpg")]
+    boxes = {9: [1, 1, 4, 4], 2: [2, 2, 3, 3], 5: [1, 1, 1, 6], 7: [0, 0, 5, 2]}
+    (root / "annotations").mkdir(parents=True)
+    (root / f"{split}2017").mkdir()
+    for _, name in images:
+        (root / f"{split}2017" / name).write_bytes(b"")
+    doc = {"images": [{"id": i, "file_name": f, "height": 8, "width": 8} for i, f in images],
+           "categories": [{"id": 1, "name": "person"}],
+           "annotations": [{"id": n, "image_id": i, "category_id": 1, "bbox": boxes[i]}
+                           for n, (i, _) in enumerate(images, 1)]}
+    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_paths_are_the_kept_images_files_in_item_order_from_a_folder_and_from_shards(tmp_path):
+    """Item i's path is that of the i-th kept image (sorted image ids; train drops image 5), not the i-th
+    entry of the annotation file; from shards, the shard member that holds it."""
+    from data.detection import CocoDetection
+    from tools import make_shards
+
+    root = _coco_tree(tmp_path / "coco")
+    train = CocoDetection(root, "train", train=True, hflip=0.0, seed=0)
+    assert train.paths() == [str(root / "train2017" / f) for f in ("b.jpg", "c.jpg", "z.jpg")]
+    assert [train.image_id(i) for i in range(len(train))] == [2, 7, 9]
+    every = CocoDetection(root, "train", train=False, hflip=0.0, seed=0)  # no filter: all four, by id
+    assert every.paths() == [str(root / "train2017" / f) for f in ("b.jpg", "a.jpg", "c.jpg", "z.jpg")]
+
+    out = tmp_path / "shards"
+    assert make_shards.main([str(root), str(out)]) == 0
+    sharded = CocoDetection(out, "train", train=True, hflip=0.0, seed=0, data_format="shards")
+    shard = out / "train2017" / "shard-00000.tar"  # one shard: SHARD[member], the member the file's name
+    assert sharded.paths() == [f"{shard}[{f}]" for f in ("b.jpg", "c.jpg", "z.jpg")]
+
+
+def test_the_eval_loader_gives_each_image_once_across_ranks_one_per_batch(tmp_path):
+    """Batch 1; rank r of w takes items r, r + w, ...: two ranks together yield every image once. Persistent
+    workers only where there are workers (torch refuses them without)."""
+    import json
+
+    from PIL import Image
+
+    from data.detection import CocoDetection, make_eval_loader
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    ids = [4, 11, 6, 2, 9]
+    for i in ids:
+        Image.new("RGB", (6, 5), (i, 0, 0)).save(root / "val2017" / f"{i}.png")
+    doc = {"images": [{"id": i, "file_name": f"{i}.png", "height": 5, "width": 6} for i in ids],
+           "categories": [{"id": 1, "name": "person"}],
+           "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 2, 2]} for i in ids]}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    ds = CocoDetection(root, "val", train=False, hflip=0.0, seed=0)  # items: ids 2, 4, 6, 9, 11
+
+    seen = {}
+    for rank in (0, 1):
+        loader = make_eval_loader(ds, rank, 2, workers=0, pin_memory=False)
+        assert loader.batch_size == 1 and loader.persistent_workers is False and loader.num_workers == 0
+        batches = list(loader)
+        assert all(len(images) == 1 and len(targets) == 1 for images, targets in batches)
+        seen[rank] = [targets[0]["image_id"] for _, targets in batches]
+        assert [images[0][0, 0, 0].item() for images, _ in batches] == seen[rank]  # the image of that id
+    assert seen == {0: [2, 6, 11], 1: [4, 9]}
+    assert [t["image_id"] for _, (t,) in make_eval_loader(ds, 0, 1, 0, False)] == [2, 4, 6, 9, 11]
+    loader = make_eval_loader(ds, 0, 1, workers=1, pin_memory=True)  # built, not iterated: no worker starts
+    assert loader.persistent_workers is True and loader.num_workers == 1 and loader.pin_memory is True

@@ -141,3 +141,125 @@ def test_data_section_bounds_at_both_sides_of_each_limit():
         assert problems(short_side=bad) == [("short_side", f"expected [lo, hi] with 0 < lo <= hi, got {list(bad)}")]
     for bad in (-0.01, 1.01):
         assert problems(hflip=bad) == [("hflip", f"expected a probability in [0, 1], got {bad}")]
+
+
+def _problems(doc, path):
+    """check_annotations' DataError message for `doc`, as the user sees it."""
+    import pytest
+
+    from data.segmentation import check_annotations
+    from engine.errors import DataError
+
+    with pytest.raises(DataError) as err:
+        check_annotations(doc, path)
+    return str(err.value)
+
+
+def _image(i, h=10, w=10):
+    return {"id": i, "file_name": f"{i}.jpg", "height": h, "width": w}
+
+
+def _ann(i, **kw):  # a VOC-category annotation (COCO 5: aeroplane) of image 1 that passes every check
+    return {"id": i, "image_id": 1, "category_id": 5, "area": 4.0, "segmentation": [[1, 1, 4, 1, 4, 4]], **kw}
+
+
+def test_an_image_entry_that_is_not_an_object_is_named_by_its_position(tmp_path):
+    path = tmp_path / "instances.json"
+    doc = {"images": [_image(1), "2.jpg", _image(3), [4]], "annotations": [_ann(5)]}
+    assert _problems(doc, path) == (f"{path}: 2 problems with its images or annotations:\n"
+                                    "  images[1] is not an object\n  images[3] is not an object")
+    doc["images"] = [_image(1), 7]
+    assert _problems(doc, path) == (f"{path}: 1 problem with its images or annotations:\n"
+                                    "  images[1] is not an object")
+
+
+def test_an_area_that_is_not_a_number_is_named_and_a_bool_is_not_a_number(tmp_path):
+    """int and float areas pass (the train filter sums them); a string, null or a bool (an int to Python)
+    does not."""
+    from data.segmentation import check_annotations
+
+    path = tmp_path / "instances.json"
+    good = [_ann(1, area=3), _ann(2, area=2.5)]
+    check_annotations({"images": [_image(1)], "annotations": good}, path)
+    doc = {"images": [_image(1)], "annotations": good + [_ann(3, area="12"), _ann(4, area=True),
+                                                         _ann(5, area=None), _ann(6, area=False)]}
+    assert _problems(doc, path) == (f"{path}: 4 problems with its images or annotations:\n"
+                                    "  annotation 3 (image 1): area '12' is not a number\n"
+                                    "  annotation 4 (image 1): area True is not a number\n"
+                                    "  annotation 5 (image 1): area None is not a number\n"
+                                    "  annotation 6 (image 1): area False is not a number")
+
+
+def test_a_segmentation_that_is_neither_polygons_nor_rle_is_named_with_its_first_40_characters(tmp_path):
+    from data.segmentation import check_annotations
+
+    path = tmp_path / "instances.json"
+    rle = {"size": [10, 10], "counts": [0, 100]}
+    check_annotations({"images": [_image(1)], "annotations": [_ann(1), _ann(2, segmentation=rle)]}, path)
+    long = "0123456789" * 4 + "ABC"  # 43 characters: the message shows the first 40
+    doc = {"images": [_image(1)], "annotations": [_ann(1), _ann(2, segmentation="abc"), _ann(3, segmentation=[]),
+                                                  _ann(4, segmentation=long), _ann(5, segmentation=7)]}
+    assert _problems(doc, path) == (
+        f"{path}: 4 problems with its images or annotations:\n"
+        "  annotation 2 (image 1): segmentation 'abc' is neither a list of polygons nor an RLE object\n"
+        "  annotation 3 (image 1): segmentation '[]' is neither a list of polygons nor an RLE object\n"
+        f"  annotation 4 (image 1): segmentation '{long[:40]}' is neither a list of polygons nor an RLE object\n"
+        "  annotation 5 (image 1): segmentation '7' is neither a list of polygons nor an RLE object")
+
+
+def _voc_tree(root):
+    """data.root/train2017 whose training filter keeps images 2 and 9 (VOC areas over 1000 px) of the four
+    listed out of id order; the image files are empty (paths() decodes nothing)."""
+    import json
+
+    images = [_image(9, 50, 50), _image(2, 50, 50), _image(5, 50, 50), _image(7, 50, 50)]
+    square = [[0, 0, 40, 0, 40, 40, 0, 40]]
+    anns = [{"id": 1, "image_id": 9, "category_id": 5, "area": 1600.0, "segmentation": square},
+            {"id": 2, "image_id": 2, "category_id": 1, "area": 1001, "segmentation": square},
+            {"id": 3, "image_id": 5, "category_id": 1, "area": 1000.0, "segmentation": square},  # not over 1000
+            {"id": 4, "image_id": 7, "category_id": 13, "area": 1600.0, "segmentation": square}]  # not VOC
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    for im in images:
+        (root / "train2017" / im["file_name"]).write_bytes(b"")
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return root
+
+
+def test_paths_are_the_kept_images_files_in_item_order_from_a_folder_and_from_shards(tmp_path):
+    from data.segmentation import CocoVoc
+    from tools import make_shards
+
+    root = _voc_tree(tmp_path / "coco")
+    ds = CocoVoc(root, "train", None, 0, tmp_path / "masks")
+    assert ds.paths() == [str(root / "train2017" / "2.jpg"), str(root / "train2017" / "9.jpg")]
+    out = tmp_path / "shards"
+    assert make_shards.main([str(root), str(out)]) == 0
+    sharded = CocoVoc(out, "train", None, 0, tmp_path / "masks", "shards")
+    shard = out / "train2017" / "shard-00000.tar"  # SHARD[member], the member named as the file
+    assert sharded.paths() == [f"{shard}[2.jpg]", f"{shard}[9.jpg]"]
+
+
+def test_overlay_blends_the_voc_colour_of_each_class_and_leaves_background_and_ignore_clear():
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    from data.segmentation import overlay
+
+    assert [voc_palette()[c] for c in (1, 2, 3, 15)] == [(128, 0, 0), (0, 128, 0), (128, 128, 0), (192, 128, 128)]
+    h, w = 3, 4  # not square: the (H, W, 3) -> (3, H, W) permutation is seen
+    image = torch.arange(h * w * 3, dtype=torch.uint8).reshape(h, w, 3) * 7 + 3
+    labels = torch.tensor([[0, 1, 2, 255], [3, 15, 0, 20], [1, 255, 0, 15]], dtype=torch.uint8)
+    for alpha in (0.25, 0.5, 1.0):
+        masks = torch.stack([labels == c for c in range(1, 21)])
+        expected = draw_segmentation_masks(image.permute(2, 0, 1), masks, alpha=alpha, colors=VOC_COLOURS[1:])
+        out = overlay(image, labels, alpha)
+        assert torch.equal(out, expected), alpha
+        clear = (labels == 0) | (labels == 255)
+        assert torch.equal(out[:, clear], image.permute(2, 0, 1)[:, clear]), alpha
+    out = overlay(image, labels, 0.25)
+    # the pixel (1, 1), class 15: 3/4 of the image's colour plus 1/4 of (192, 128, 128), truncated to uint8
+    assert image[1, 1].tolist() == [108, 115, 122]
+    assert out[:, 1, 1].tolist() == [int(108 * 0.75 + 192 * 0.25), int(115 * 0.75 + 128 * 0.25),
+                                     int(122 * 0.75 + 128 * 0.25)] == [129, 118, 123]
+    assert torch.equal(overlay(image, labels), overlay(image, labels, 0.5))  # the default: half and half
