@@ -215,6 +215,12 @@ def test_an_animated_gif_is_refused_naming_the_file(tmp_path):
         decode(str(tmp_path / "moving.jpg"))
     assert str(err.value) == (f"{tmp_path / 'moving.jpg'}: an animated GIF of 3 frames; expected a still "
                               "image (save one frame as a JPEG or PNG)")
+    frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:2])  # frames, not channels (3)
+    with pytest.raises(DataError, match=r"two.gif: an animated GIF of 2 frames; expected a still image"):
+        decode(str(tmp_path / "two.gif"))
+    with pytest.raises(DataError, match=r"two.gif: an animated GIF of 2 frames; expected a still image"):
+        # the val item too, not PIL's frame 0
+        eval_transform(_cfg("unused"))((tmp_path / "two.gif").read_bytes(), str(tmp_path / "two.gif"))
 
 
 def _bad_files(photo, folder):
@@ -448,3 +454,334 @@ def test_steps_per_epoch_is_the_batch_count_of_one_ranks_padded_training_shard()
         sampler = EpochSampler(n, rank=world - 1, world_size=world, seed=0, train=True)
         assert steps_per_epoch(n, world, batch) == len(BatchSampler(sampler, batch, drop_last=False)), (n, world)
     assert [steps_per_epoch(1000, 8, 32), steps_per_epoch(1001, 8, 32), steps_per_epoch(10, 4, 1)] == [4, 4, 3]
+
+
+def test_the_center_crop_and_erasing_bounds_are_checked_at_their_edges():
+    """val_crop may not exceed a positive val_resize (a zero val_resize is its own problem, not a crop one);
+    erasing_scale is a fraction of the image (<= 1); a ratio range has no upper bound, and says so."""
+    def problems(**kw):
+        return list(_cfg("unused", **kw).validate())
+
+    assert problems(val_resize=1, val_crop=2) == [
+        ("val_crop", "expected <= val_resize (1): the center crop is taken from the resized image")]
+    assert problems(val_resize=0) == [("val_resize", "expected a positive size in pixels, got 0")]
+    assert problems(erasing_scale=(0.02, 1.0)) == []
+    assert problems(erasing_scale=(0.02, 1.01)) == [
+        ("erasing_scale", "expected [min, max] with 0 < min <= max <= 1.0, got [0.02, 1.01]")]
+    assert problems(erasing_ratio=(0.0, 2.0)) == [
+        ("erasing_ratio", "expected [min, max] with 0 < min <= max, got [0.0, 2.0]")]
+
+
+def test_an_empty_a_one_byte_and_a_truncated_file_are_named_with_what_they_are(photos):
+    """The messages a user sees for the files decode cannot read, compared whole; an empty file is empty
+    however its bytes arrive (bytes, bytearray, numpy, tensor), a single byte is not."""
+    import numpy as np
+
+    from data.classification import DataError, decode_bytes
+
+    def message(data):
+        with pytest.raises(DataError) as err:
+            decode_bytes(data, "x.jpg")
+        return str(err.value)
+
+    for empty in (b"", bytearray(), np.zeros(0, np.uint8), torch.zeros(0, dtype=torch.uint8)):
+        assert message(empty) == "x.jpg: empty file (0 bytes)", type(empty)
+    assert message(b"\x00") == ("x.jpg: not an image (the file starts with bytes 00, not a JPEG, PNG, "
+                                "WebP or GIF signature)")
+    jpeg = sorted(photos.rglob("*.jpg"))[0].read_bytes()
+    half = jpeg[:len(jpeg) // 2]
+    assert message(half) == "x.jpg: unreadable or truncated JPEG image (Image is incomplete or truncated)"
+
+
+def test_a_16_bit_png_keeps_its_8_most_significant_bits(tmp_path):
+    """What an 8-bit export of the image holds: 0xABCD -> 0xAB (grey, so all three channels)."""
+    import numpy as np
+    from PIL import Image
+
+    from data.classification import decode
+
+    values = np.array([[0x0000, 0x00FF, 0x0100], [0xABCD, 0x7FFF, 0xFFFF]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image = decode(str(tmp_path / "deep.png"))
+    assert image.dtype == torch.uint8 and image.shape == (3, 2, 3)
+    for channel in image:
+        assert channel.tolist() == [[0x00, 0x00, 0x01], [0xAB, 0x7F, 0xFF]]
+
+
+def test_the_flip_is_torchvisions_coin_and_no_coin_is_drawn_without_a_flip():
+    """RandomHorizontalFlip flips when torch.rand(1) < p, so a draw equal to hflip does not flip and the
+    next float32 above it does; against torchvision's RandomResizedCrop + RandomHorizontalFlip on the same
+    tensor (a 16 px crop of the whole 16 px image: no resampling). The reference preset adds the flip only
+    when hflip > 0: then no number is drawn for it."""
+    from torchvision import transforms as V1
+
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    image[:, :, 10:] = 255  # white on the right: a flip puts it on the left
+    whole = dict(crop_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), auto_augment=None)
+    flips = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        V1.RandomResizedCrop.get_params(image, [1.0, 1.0], [1.0, 1.0])
+        coin = torch.rand(1)
+        for hflip in (coin.item(), torch.nextafter(coin, torch.ones(1)).item()):
+            tf = TrainTransform(_cfg("unused", hflip=hflip, **whole))
+            reference = V1.Compose([V1.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(1.0, 1.0)),
+                                    V1.RandomHorizontalFlip(hflip)])
+            torch.manual_seed(seed)
+            ours = tf.augment(image).permute(2, 0, 1)
+            torch.manual_seed(seed)
+            theirs = reference(image)
+            assert torch.equal(ours, theirs), (seed, hflip)
+            flips.append(bool(ours[0, 0, 0] == 255))
+    assert flips == [False, True] * 3
+    torch.manual_seed(0)
+    TrainTransform(_cfg("unused", hflip=0.0, **whole)).augment(image)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    V1.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(1.0, 1.0))(image)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_the_erase_box_of_a_non_square_image_is_torchvisions_for_its_height_and_width():
+    """erase_box reads the (H, W, 3) image's height and width as RandomErasing reads a (3, H, W) tensor's:
+    the same boxes, and the same "no box found" (the whole image at 0, 0) on a 24 x 40 image."""
+    from torchvision.transforms import RandomErasing
+
+    image = torch.zeros(24, 40, 3, dtype=torch.uint8)
+    tf = TrainTransform(_cfg("unused", random_erasing=1.0))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        torch.rand(1)  # erase_box's p draw
+        top, left, h, w, _ = RandomErasing.get_params(torch.zeros(3, 24, 40), scale=(0.02, 0.33),
+                                                      ratio=(0.3, 3.3), value=[0])
+        torch.manual_seed(seed)
+        assert tf.erase_box(image).tolist() == [1, top, left, h, w], seed
+    tf = TrainTransform(_cfg("unused", random_erasing=1.0, erasing_scale=(0.98, 1.0),
+                             erasing_ratio=(8.0, 9.0)))
+    torch.manual_seed(0)
+    assert tf.erase_box(image).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_no_erasing_is_five_zeros_and_p_0_draws_nothing():
+    """The box of an image not erased is [0, 0, 0, 0, 0] (stacked with the others in a batch); with
+    random_erasing 0 the reference adds no RandomErasing, so no number is drawn."""
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8)
+    torch.manual_seed(0)
+    coin = torch.rand(1).item()
+    tf = TrainTransform(_cfg("unused", random_erasing=coin / 2))
+    torch.manual_seed(0)
+    assert tf.erase_box(image).tolist() == [0, 0, 0, 0, 0]
+    torch.manual_seed(0)
+    assert TrainTransform(_cfg("unused", random_erasing=0.0)).erase_box(image).tolist() == [0, 0, 0, 0, 0]
+    assert torch.rand(1).item() == coin
+
+
+def test_the_normalization_constants_are_not_module_state():
+    """mean and std come from the recipe: BatchTransform saves nothing into a state_dict (a module holding
+    it would otherwise carry them in its checkpoints) and loads from an empty one."""
+    tf = BatchTransform((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False)
+    assert tf.state_dict() == {} and [name for name, _ in tf.named_buffers()] == ["scale", "shift"]
+    tf.load_state_dict({})
+
+
+def test_a_fresh_sampler_gives_epoch_0_keys_in_distributed_samplers_epoch_0_order():
+    """Before any set_epoch: keys (0, i), the training order DistributedSampler's own for epoch 0 (padded
+    to equal shards), the evaluation order rank, rank + world, ... (not padded)."""
+    from torch.utils.data import DistributedSampler
+
+    train = list(EpochSampler(12, rank=1, world_size=3, seed=4, train=True))
+    order = DistributedSampler(range(12), num_replicas=3, rank=1, shuffle=True, seed=4)
+    assert train == [(0, i) for i in order]
+    assert list(EpochSampler(7, rank=1, world_size=3, seed=4, train=False)) == [(0, 1), (0, 4)]
+    # lengths: a training shard padded to ceil(10 / 3) = 4 on every rank; an eval shard unpadded
+    assert [len(EpochSampler(10, rank, 3, 0, train=True)) for rank in range(3)] == [4, 4, 4]
+    assert [len(EpochSampler(10, rank, 3, 0, train=False)) for rank in range(3)] == [4, 3, 3]
+
+
+def test_loader_workers_persist_across_epochs_whenever_there_are_any():
+    """persistent_workers with 1 worker or more (torch refuses it with 0); built, not iterated: no worker
+    starts."""
+    from torch.utils.data import BatchSampler
+
+    from data.classification import make_loader
+
+    batches = BatchSampler(EpochSampler(4, 0, 1, 0, train=False), 2, False)
+    assert make_loader(list(range(4)), batches, 0, False).persistent_workers is False
+    one = make_loader(list(range(4)), batches, 1, True)
+    assert one.persistent_workers is True and one.num_workers == 1 and one.pin_memory is True
+
+
+# ----------------------------------------------------------------------------- folders and loaders
+
+
+def _tiny_split(split, classes, per_class=1):
+    """split/<class>/<i>.jpg: 8 px JPEGs, a different grey per class."""
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (split / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (20 * c, 20 * c, 20 * c)).save(split / name / f"{i}.jpg")
+
+
+def test_a_split_is_its_sorted_class_folders_and_their_images_and_each_missing_piece_is_named(tmp_path):
+    from data.classification import DataError, count_images, scan_image_folder
+
+    split = tmp_path / "root/train"
+    (split / "b").mkdir(parents=True)
+    (split / "a").mkdir()
+    for name in ("b/2.JPG", "b/1.png", "a/x.webp", "a/notes.txt", "a/y.jpeg", "top.jpg"):
+        (split / name).write_bytes(b"")  # scanning reads names only
+    assert scan_image_folder(split) == (["a", "b"], [(str(split / name), label) for name, label in (
+        ("a/x.webp", 0), ("a/y.jpeg", 0), ("b/1.png", 1), ("b/2.JPG", 1))])
+    assert count_images(split) == 4 and count_images(tmp_path / "root/val") is None
+
+    def problem(path):
+        with pytest.raises(DataError) as err:
+            scan_image_folder(path)
+        return str(err.value)
+
+    assert problem(tmp_path / "nowhere/train") == f"data.root: {tmp_path / 'nowhere'} does not exist"
+    assert problem(tmp_path / "root/val") == (f"{tmp_path / 'root/val'}: split folder not found "
+                                              "(expected data.root/val/<class>/<image>)")
+    (tmp_path / "root/val").mkdir()
+    assert problem(tmp_path / "root/val") == (f"{tmp_path / 'root/val'}: no class folders "
+                                              f"(expected {tmp_path / 'root/val'}/<class>/<image>)")
+    (split / "c").mkdir()
+    (split / "c/readme.txt").write_text("")
+    assert problem(split) == f"{split / 'c'}: class folder has no images (.jpg, .jpeg, .png, .webp)"
+
+
+def test_build_loaders_gives_shuffled_training_batches_and_every_val_image_once_in_order(tmp_path):
+    """One CPU process: the training batches are DistributedSampler's shuffle (last batch short), the val
+    batches every image once in folder order (last batch short); nothing pinned without CUDA; training
+    items carry their erase box. The val images are checked before anything is returned (unless asked not
+    to); a recipe with fewer classes than the folders is refused, as many as the folders is not."""
+    from torch.utils.data import DistributedSampler
+
+    from data.classification import DataError, build_loaders
+    from engine.distributed import DistState
+
+    root = tmp_path / "data"
+    _tiny_split(root / "train", ["a", "b"], 3)
+    _tiny_split(root / "val", ["a", "b"], 3)
+    cfg = _cfg(root, batch_size=4, crop_size=8, val_resize=8, val_crop=8, auto_augment=None)
+    train_set, train_loader, val_set, val_loader = build_loaders(cfg, 2, 7, DistState())
+    assert not train_loader.pin_memory and not val_loader.pin_memory
+    assert list(val_loader.batch_sampler) == [[(0, 0), (0, 1), (0, 2), (0, 3)], [(0, 4), (0, 5)]]
+    shuffled = list(DistributedSampler(range(6), num_replicas=1, rank=0, shuffle=True, seed=7))
+    assert shuffled != list(range(6))
+    assert list(train_loader.batch_sampler) == [[(0, i) for i in shuffled[:4]],
+                                                [(0, i) for i in shuffled[4:]]]
+    images, targets, erase = next(iter(train_loader))
+    assert images.shape == (4, 8, 8, 3)
+    assert targets.tolist() == [train_set.samples[i][1] for i in shuffled[:4]]
+    assert erase.shape == (4, 5)
+    images, targets = next(iter(val_loader))
+    assert images.shape == (4, 8, 8, 3) and targets.tolist() == [0, 0, 0, 1]
+    with pytest.raises(DataError) as err:
+        build_loaders(cfg, 1, 7, DistState())
+    assert str(err.value) == f"{root}: 2 classes on disk but model.num_classes is 1"
+    bad = root / "val/b/1.jpg"
+    bad.write_bytes(b"text, not a JPEG")
+    with pytest.raises(DataError) as err:
+        build_loaders(cfg, 2, 7, DistState())
+    assert str(err.value) == (f"the validation set: 1 of 6 images cannot be used:\n  {bad}: not an image "
+                              "(the file starts with bytes 74 65 78 74 2c 20 6e 6f, not a JPEG, PNG, WebP or "
+                              "GIF signature)")
+    assert build_loaders(cfg, 2, 7, DistState(), check_val=False)[3] is not None
+    assert build_loaders(cfg, 2, 7, DistState(), train=False, check_val=False)[:2] == (None, None)
+
+
+def test_train_and_val_with_different_class_folders_are_named_ten_at_most(tmp_path):
+    from data.classification import DataError, build_loaders
+    from engine.distributed import DistState
+
+    for extra, listed in ((11, "c00, c01, c02, c03, c04, c05, c06, c07, c08, c09 ..."),
+                          (10, "c00, c01, c02, c03, c04, c05, c06, c07, c08, c09")):
+        root = tmp_path / str(extra)
+        _tiny_split(root / "train", ["shared"] + [f"c{i:02d}" for i in range(extra)])
+        _tiny_split(root / "val", ["shared", "v0"])
+        with pytest.raises(DataError) as err:
+            build_loaders(_cfg(root, crop_size=8, val_resize=8, val_crop=8), 100, 0, DistState())
+        assert str(err.value) == (f"{root}: train/ and val/ have different class folders (labels are the "
+                                  "sorted folder names, so they must be the same): only in train/: "
+                                  f"{listed}; only in val/: v0")
+
+
+def test_the_val_item_of_a_16_bit_png_is_the_reference_preset_on_its_8_bit_export(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a white image); the val item of a 16-bit PNG is the
+    reference preset's on the image's 8 most significant bits, as training decodes it."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as V1
+    from torchvision.transforms import InterpolationMode
+
+    deep = np.random.default_rng(0).integers(0, 65536, (30, 40), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    data = (tmp_path / "deep.png").read_bytes()
+    item = eval_transform(_cfg("unused", val_resize=20, val_crop=16))(data, "deep.png")
+    preset = V1.Compose([V1.Resize(20, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                         V1.CenterCrop(16), V1.PILToTensor()])
+    expected = preset(Image.fromarray((deep >> 8).astype(np.uint8)).convert("RGB")).permute(1, 2, 0)
+    assert torch.equal(item, expected) and expected.float().std() > 10
+
+
+def test_the_val_transform_warns_about_nothing(photos):
+    """One warning per validation image would flood the log: torchvision's Resize warns when told not to
+    antialias a PIL image (PIL always does), so the preset asks for antialiasing as the reference does."""
+    import warnings
+
+    path = sorted(photos.rglob("*.jpg"))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        item = eval_transform(_cfg("unused"))(path.read_bytes(), str(path))
+    assert item.shape == (64, 64, 3)
+
+
+def test_the_data_section_is_frozen():
+    """Nothing writes back into the config (DESIGN rule 1)."""
+    import dataclasses
+
+    cfg = _cfg("unused")
+    assert list(cfg.validate()) == []  # (a call into the module: tools/mutants.py selects tests by lines run)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hflip = 0.0
+
+
+def test_the_crop_draw_on_tiny_images_refuses_a_side_that_rounds_to_0_pixels_as_torchvision_does():
+    """On 1-3 px images a drawn side often rounds to 0 pixels (a 1 x 0 crop): torchvision draws again, and so
+    must the draw here (the same rectangles and the same generator state after them)."""
+    from torchvision import transforms as V1
+
+    from data.classification import _crop_params
+
+    zero_sides = 0
+    for size in ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1)):
+        for seed in range(100):
+            torch.manual_seed(seed)
+            ours, after = _crop_params(size, (0.08, 1.0), (3 / 4, 4 / 3)), torch.rand(1)
+            torch.manual_seed(seed)
+            theirs = V1.RandomResizedCrop.get_params(torch.empty(()).expand(3, *size), [0.08, 1.0],
+                                                     [3 / 4, 4 / 3])
+            assert ours == theirs and torch.equal(after, torch.rand(1)), (size, seed)
+            torch.manual_seed(seed)  # the first try's sides, as get_params rounds them
+            area = size[0] * size[1] * torch.empty(1).uniform_(0.08, 1.0).item()
+            aspect = torch.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3))).item()
+            zero_sides += min(round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))) == 0
+    assert zero_sides > 10
+
+
+def test_the_val_item_of_a_jpeg_is_pils_decode_as_in_the_reference(photos, monkeypatch):
+    """The reference reads validation images with PIL. Training's decoder (torchvision's) gives the same
+    values for these JPEGs (both are libjpeg-turbo here), so only which one runs tells them apart: with
+    torchvision's unavailable, the val item is still the PIL preset's."""
+    from data import classification
+
+    def no_torchvision_decode(data, name):
+        raise AssertionError(f"{name}: decoded by torchvision, not PIL")
+
+    monkeypatch.setattr(classification, "decode_bytes", no_torchvision_decode)
+    for path in sorted(photos.rglob("*.jpg"))[:3]:
+        item = eval_transform(_cfg("unused"))(path.read_bytes(), str(path))
+        assert torch.equal(item, _pil_preset(path, 73, 64)), path

@@ -213,3 +213,53 @@ def test_a_file_with_restart_markers_gives_the_same_pixels_and_decodes_only_the_
     assert torch.equal(torch.frombuffer(far, dtype=torch.uint8).view(h - 64, w - 64, 3).permute(2, 0, 1),
                        full[:, 64:, 64:])
     assert _jpeg.crop(broken, 0, 0, 40, 40, 1) is None and _jpeg.crop(broken, 0, 0, h, w, 1) is None
+
+
+def test_the_idct_scale_is_the_largest_that_keeps_the_crop_at_least_crop_size(monkeypatch):
+    """The whole image as the crop (scale and ratio 1), crop_size 8: a side s is decoded at 1/d for the
+    largest d of libjpeg's 1, 2, 4, 8 with s / d >= 8 (s >= 2 x crop_size for a half, 4 x for a quarter,
+    8 x for an eighth, never less than an eighth); dct_downscale false: always whole. Where s / d is exactly
+    8 no resampling is left: the item is Pillow's own DCT-scaled decode (`draft`)."""
+    rng = np.random.default_rng(3)
+    common = dict(crop_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, auto_augment=None)
+    scaled = TrainTransform(_cfg("unused", **common))
+    exact = TrainTransform(_cfg("unused", dct_downscale=False, **common))
+    sides = (15, 16, 31, 32, 63, 64, 200)
+    spy = _Spy()
+    monkeypatch.setattr(classification, "_jpeg", spy)
+    for side in sides:
+        buf = io.BytesIO()
+        noise = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        item = scaled.augment_bytes(data, "x.jpg")
+        d = spy.scales[-1]
+        if side in (16, 32, 64):
+            im = Image.open(io.BytesIO(data))
+            im.draft("RGB", (side // d, side // d))
+            assert im.size == (8, 8), side
+            assert torch.equal(item, torch.from_numpy(np.array(im.convert("RGB")))), side
+        exact.augment_bytes(data, "x.jpg")
+    assert spy.scales == [1, 1, 2, 1, 2, 1, 4, 1, 4, 1, 8, 1, 8, 1]
+
+
+def test_a_jpeg_libjpeg_warns_about_is_cropped_from_torchvisions_whole_decode(photos, monkeypatch):
+    """A scan cut short and closed by an end marker: the partial decode gives None (libjpeg warns),
+    torchvision decodes it (the missing rows grey); the item is then the crop of that whole decode, as
+    without data/_jpeg, with the same draws."""
+    jpeg = sorted(photos.rglob("*.jpg"))[0].read_bytes()
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+    cut = jpeg[:start + (len(jpeg) - start) // 2] + b"\xff\xd9"
+    h, w = _jpeg.size(cut)
+    assert _jpeg.crop(cut, 0, 0, h, w, 1) is None and decode_bytes(cut, "cut.jpg").shape == (3, h, w)
+    tf = TrainTransform(_cfg("unused", crop_size=32, auto_augment=None))
+    items = []
+    for jpeg_module in (_jpeg, None):
+        monkeypatch.setattr(classification, "_jpeg", jpeg_module)
+        items.append([])
+        for seed in range(6):
+            torch.manual_seed(seed)
+            items[-1].append((tf.augment_bytes(cut, "cut.jpg"), torch.rand(1)))
+    for (a, after_a), (b, after_b) in zip(*items):
+        assert torch.equal(a, b) and torch.equal(after_a, after_b)
