@@ -22,6 +22,7 @@ def test_top1_and_top5_counts_from_hand_built_logits():
     assert counts.dtype == torch.float64
     assert counts.tolist() == [2.0, 6.0]
     assert topk_correct(logits, target, ks=(1, 2, 3, 8)).tolist() == [2.0, 3.0, 4.0, 8.0]
+    assert topk_correct(logits, target).tolist() == [2.0, 6.0]  # the default ks are Acc@1 and Acc@5
 
 
 def test_k_larger_than_the_number_of_classes_counts_every_sample():
@@ -63,3 +64,23 @@ def test_evaluation_runs_the_model_in_eval_mode():
     dropout = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
     assert evaluate_classifier(dropout, loader, lambda x: x, torch.device("cpu"), DistState()) == plain
     assert not dropout.training and plain["acc1"] == 50.0
+
+
+def test_evaluation_under_bfloat16_autocast_scores_the_bfloat16_logits():
+    """run.amp=bf16 evaluates under autocast: a Linear model's logits are those of its bfloat16 inputs,
+    weights and bias (autocast's rule for linear), not the float32 ones. Oracle: the linear written out
+    in bfloat16 and torch's cross-entropy of it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 5)
+    x, target = torch.randn(6, 16) * 4, torch.tensor([0, 1, 2, 3, 4, 0])
+    loader = [(x[:4], target[:4]), (x[4:], target[4:])]
+    bf16 = evaluate_classifier(model, loader, lambda v: v, torch.device("cpu"), DistState(), torch.bfloat16)
+    fp32 = evaluate_classifier(model, loader, lambda v: v, torch.device("cpu"), DistState())
+    with torch.no_grad():
+        w, b = model.weight.bfloat16(), model.bias.bfloat16()
+        low = torch.nn.functional.linear(x.bfloat16(), w, b).float()
+        high = x @ model.weight.T + model.bias
+    ce = torch.nn.functional.cross_entropy
+    assert math.isclose(bf16["val_loss"], ce(low, target).item(), rel_tol=1e-6)
+    assert math.isclose(fp32["val_loss"], ce(high, target).item(), rel_tol=1e-6)
+    assert abs(bf16["val_loss"] - fp32["val_loss"]) > 1e-3  # the two precisions are told apart
