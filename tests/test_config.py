@@ -45,6 +45,8 @@ def test_loads_typed_frozen(recipe):
     assert cfg.optimizer.betas == (0.9, 0.999) and cfg.run.resume is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optimizer.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the shared run section too
+        cfg.run.seed = 1
 
 
 def test_overrides_parse_with_field_type(recipe):
@@ -448,3 +450,118 @@ def test_a_cli_without_a_recipe_or_with_an_unknown_option_exits_2_saying_so(caps
     assert captured.err.splitlines() == [
         "t.py: 1 problem with the configuration:", f"  {problem}",
         "usage: t.py --recipe PATH [--print-config] [--check-data] [section.key=value ...]"]
+
+
+def test_a_config_error_reads_as_its_problems_one_per_line(recipe):
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["run.seed=x", "optimizer.lr=y"])
+    assert str(err.value) == ("command line: optimizer.lr: expected float, got 'y'\n"
+                              "command line: run.seed: expected int, got 'x'")
+
+
+def test_the_documented_example_of_a_misspelt_key_and_an_invalid_choice(capsys):
+    """docs/training.md's example, in-process: a choice close to a valid one gets a did-you-mean, a misspelt
+    key its did-you-mean and the section's valid keys. (The documented usage line predates --check-data.)"""
+    from engine.config import cli
+    from engine.optim import OptimizerConfig
+    from train_classification import Config
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(Config, ["--recipe", str(ROOT / "recipes/large.yaml"), "optimizer.weight_decy=1e-4", "optimizer.name=adam"],
+            prog="train_classification.py")
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2
+    valid = ", ".join(f.name for f in dataclasses.fields(OptimizerConfig))
+    assert valid.startswith("name, lr, ")
+    assert err == [
+        "train_classification.py: 2 problems with the configuration:",
+        "  command line: optimizer.name: invalid choice 'adam': expected one of 'rmsprop', 'rmsprop_tf', 'sgd', "
+        "'adamw' (did you mean 'adamw'?)",
+        "  command line: optimizer.weight_decy: unknown key (did you mean 'optimizer.weight_decay'?); valid keys "
+        f"here: {valid}",
+        "usage: train_classification.py --recipe PATH [--print-config] [--check-data] [section.key=value ...]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuples:
+    one: tuple[float] = (1.0,)                  # a fixed length of one
+    sizes: tuple[int, ...] = (1, 2)             # any length
+
+
+@dataclasses.dataclass(frozen=True)
+class TuplesCfg:
+    tuples: Tuples
+    run: RunConfig
+
+
+def test_tuple_fields_of_one_item_and_of_any_length(recipe):
+    recipe.write_text("run: {output_dir: out, seed: 0}\n")
+    cfg = load_config(TuplesCfg, recipe, ["tuples.one=[0.5]", "tuples.sizes=[3, 4, 5]"])
+    assert cfg.tuples == Tuples(one=(0.5,), sizes=(3, 4, 5))
+    assert load_config(TuplesCfg, recipe, ["tuples.sizes=[]"]).tuples.sizes == ()
+    with pytest.raises(ConfigError) as err:
+        load_config(TuplesCfg, recipe, ["tuples.one=[0.5, 0.6]", "tuples.sizes=5"])
+    assert err.value.problems == ["command line: tuples.one: expected a list of 1 (float), got 2 items: [0.5, 0.6]",
+                                  "command line: tuples.sizes: expected a list of int, got 5"]
+
+
+def test_command_line_text_that_is_not_yaml_is_kept_as_text_by_a_str_or_null_field(recipe):
+    """`run.resume=@scratch/last.pt`: YAML cannot parse the text (`@` is reserved), so a `str | None` field
+    takes it as typed; only the null words make it null."""
+    assert load_config(Cfg, recipe, ["run.resume=@scratch/last.pt"]).run.resume == "@scratch/last.pt"
+    assert load_config(Cfg, recipe, ["run.resume=a: b: c"]).run.resume == "a: b: c"
+    assert load_config(Cfg, recipe, ["run.resume=~"]).run.resume is None
+
+
+def test_each_item_of_a_list_field_is_checked_and_named_by_its_index(recipe):
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer.milestones=[1, x, 3.5]"])
+    assert err.value.problems == ["command line: optimizer.milestones[1]: expected int, got 'x'",
+                                  "command line: optimizer.milestones[2]: expected int, got 3.5"]
+    recipe.write_text(RECIPE.replace("[16, 22]", "[16, 22.5]"))
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe)
+    assert err.value.problems == [f"{recipe}: optimizer.milestones[1]: expected int, got 22.5"]
+
+
+def test_print_config_prints_the_resolved_recipe_then_the_derived_values_in_their_order(recipe, capsys):
+    """--print-config: the config as config.yaml holds it, then `# derived` and derived(cfg) as YAML in the
+    order derived() gives (not sorted), and exit 0; without derived() only the config."""
+    from engine.config import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(Cfg, ["--recipe", str(recipe), "--print-config", "run.seed=3"], prog="t",
+            derived=lambda cfg: {"steps_per_epoch": 13, "accumulate": 8, "seed_used": cfg.run.seed})
+    out = capsys.readouterr().out
+    config = ("optimizer:\n  name: sgd\n  lr: 0.1\n  weight_decay: 0.0001\n  betas: [0.9, 0.999]\n"
+              "  milestones: [16, 22]\n  nesterov: false\n  eps: null\nrun:\n  output_dir: out\n  seed: 3\n"
+              "  device: auto\n  resume: null\n  eval_only: false\n  keep_checkpoints: null\n  print_freq: 50\n"
+              "  world_size: null\n  global_batch: null\n  allow_changes: false\n  check_data: false\n"
+              "  divergence_factor: 10.0\n")
+    assert exit_.value.code == 0
+    assert out == config + "# derived\nderived:\n  steps_per_epoch: 13\n  accumulate: 8\n  seed_used: 3\n"
+    with pytest.raises(SystemExit) as exit_:
+        cli(Cfg, [f"--recipe={recipe}", "--print-config", "run.seed=3"], prog="t")
+    assert exit_.value.code == 0 and capsys.readouterr().out == config
+
+
+def test_a_recipe_path_with_an_equals_sign_after_recipe_equals(tmp_path):
+    """`--recipe=sweeps/lr=0.2.yaml`: only the first `=` separates the option from the path."""
+    from engine.config import cli
+
+    path = tmp_path / "lr=0.2.yaml"
+    path.write_text(RECIPE)
+    assert cli(Cfg, [f"--recipe={path}"], prog="t").optimizer.lr == 0.1
+
+
+def test_problems_under_a_key_typed_on_the_command_line_are_the_command_line_s(recipe):
+    """Where a problem comes from: a whole section given on the command line (a YAML mapping), or a key
+    below one the recipe does not have, are the command line's, not the recipe file's."""
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer={name: sgd, lr: fast, weight_decay: 0.0}"])
+    assert err.value.problems == ["command line: optimizer.lr: expected float, got 'fast'"]
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, recipe, ["optimizer.schedule.gamma=0.1"])
+    assert err.value.problems == [
+        "command line: optimizer.schedule: unknown key; valid keys here: "
+        + ", ".join(f.name for f in dataclasses.fields(Opt))]

@@ -271,3 +271,191 @@ def test_a_legacy_checkpoint_that_cannot_be_mapped_is_read_whole_and_a_failed_pl
         checkpoint.load(truncated, mmap=False)
     assert str(err.value).startswith(f"{truncated}: not a readable checkpoint (RuntimeError: ")
     assert calls == [False]  # no second read without mmap: it would fail the same way
+
+
+_UNPICKLED = []
+
+
+def _record_unpickling(value):
+    _UNPICKLED.append(value)
+    return value
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile file holds: unpickling it calls a function of the pickle's choosing."""
+
+    def __reduce__(self):
+        return _record_unpickling, ("ran",)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_checkpoint_holding_objects_beyond_weights_is_refused_without_running_them(tmp_path, mmap):
+    """Loading is torch.load(weights_only=True) on every path: a normal (zip) checkpoint that holds a
+    pickled object outside tensors and plain containers (a datetime.date, or an object whose unpickling
+    runs code) is the one "not a readable checkpoint" error, and the object's code never runs."""
+    import datetime
+
+    for name, extra in (("date.pt", datetime.date(2020, 1, 1)), ("code.pt", _RunsCodeWhenUnpickled())):
+        path = tmp_path / name
+        torch.save(checkpoint.new({"w": torch.ones(2)}, epoch=1, extra=extra), path)
+        with pytest.raises(ValueError) as err:
+            checkpoint.load(path, mmap=mmap)
+        assert str(err.value).startswith(f"{path}: not a readable checkpoint (UnpicklingError: Weights only load "
+                                         "failed"), err.value
+    assert _UNPICKLED == []
+
+
+def test_a_save_creates_missing_directories_and_syncs_every_byte_before_the_rename(tmp_path, monkeypatch):
+    """The checkpoint directory is made on the first save (parents too); the file's bytes all reach the OS
+    before fsync (the writer flushed), and fsync comes before the rename that makes the file visible."""
+    target, text = tmp_path / "run" / "checkpoints" / "epoch_000.pt", tmp_path / "run" / "notes" / "a.txt"
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):  # the size the OS has for the file, and whether the files are visible yet
+        synced.append((os.fstat(fd).st_size, target.exists(), text.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    checkpoint.save(checkpoint.new({"w": torch.arange(3000.0)}, epoch=0), target)
+    checkpoint.atomic_write_text(text, "a short note\n")  # held in the writer's buffer until flushed
+    assert synced == [(target.stat().st_size, False, False), (13, True, False)]
+    assert torch.equal(checkpoint.load(target)["model"]["w"], torch.arange(3000.0))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["epoch_000.pt"]
+
+
+def test_a_checkpoint_in_the_documented_layout_loads_and_other_versions_are_named(tmp_path):
+    """The module docstring's layout, written here by hand: {"format": "mbv3-recipes", "version": 1, "model":
+    ..., "epoch": ...}; a version this code does not read is refused naming both versions."""
+    sd = {"fc.weight": torch.ones(2, 2)}
+    assert checkpoint.new(sd, epoch=3) == {"format": "mbv3-recipes", "version": 1, "model": sd, "epoch": 3}
+    path = tmp_path / "v1.pt"
+    torch.save({"format": "mbv3-recipes", "version": 1, "model": sd, "epoch": 3, "config": {"a": 1}}, path)
+    loaded = checkpoint.load(path)
+    assert (loaded["epoch"], loaded["config"]) == (3, {"a": 1})
+    assert torch.equal(loaded["model"]["fc.weight"], sd["fc.weight"])
+    torch.save({"format": "mbv3-recipes", "version": 2, "model": sd}, tmp_path / "v2.pt")
+    with pytest.raises(ValueError) as err:
+        checkpoint.load(tmp_path / "v2.pt")
+    assert str(err.value) == (f"{tmp_path / 'v2.pt'}: checkpoint format version 2 is not supported "
+                              "(this code reads version 1)")
+    for missing in (tmp_path / "nope.pt", tmp_path):  # nothing there, or a directory
+        with pytest.raises(FileNotFoundError) as err:
+            checkpoint.load(missing)
+        assert str(err.value) == f"{missing}: checkpoint not found"
+    torch.save([sd], tmp_path / "list.pt")
+    with pytest.raises(ValueError) as err:
+        checkpoint.load(tmp_path / "list.pt")
+    assert str(err.value) == f"{tmp_path / 'list.pt'}: expected a dict (state dict or project checkpoint), got list"
+
+
+def test_prune_keeps_everything_when_keep_is_at_least_the_count_and_tolerates_a_file_already_gone(
+        tmp_path, monkeypatch):
+    names = ["epoch_000.pt", "epoch_001.pt"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    for keep in (2, 3):
+        checkpoint.prune(tmp_path, keep)
+        assert sorted(p.name for p in tmp_path.iterdir()) == names, keep
+    # another process removed the oldest file between the listing and the unlink: not an error
+    real_glob = type(tmp_path).glob
+
+    def listed_then_removed(self, pattern):
+        files = sorted(real_glob(self, pattern))
+        files[0].unlink()
+        return files
+
+    monkeypatch.setattr(type(tmp_path), "glob", listed_then_removed)
+    checkpoint.prune(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_001.pt"]
+
+
+def test_a_full_quota_is_a_full_disk_and_other_os_errors_are_not():
+    import errno
+
+    assert checkpoint._no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not checkpoint._no_space(OSError(errno.EACCES, "Permission denied"))
+    assert not checkpoint._no_space(RuntimeError("x")) and not checkpoint._no_space(None)
+    during = RuntimeError("while handling")  # raised while handling the full disk: found through __context__
+    during.__context__ = OSError(errno.ENOSPC, "No space left on device")
+    assert checkpoint._no_space(during)
+
+
+def test_file_digest_is_hashlibs_sha256_of_the_whole_file(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one 1 MiB chunk
+    (tmp_path / "f.bin").write_bytes(data)
+    assert checkpoint.file_sha256(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert checkpoint.file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_seed_everything_seeds_python_numpy_and_torch_numpy_with_the_seed_mod_2_32():
+    """numpy takes seeds below 2**32: a larger seed (torch and Python take it whole) reaches it mod 2**32."""
+    seed = 2**32 + 100
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # whatever state the process was in
+    seeding.seed_everything(seed)
+    got = (random.random(), np.random.rand(2), torch.rand(2))
+    random.seed(seed)
+    np.random.seed(100)
+    torch.manual_seed(seed)
+    assert got[0] == random.random() and np.array_equal(got[1], np.random.rand(2)) and torch.equal(got[2], torch.rand(2))
+
+
+def test_the_cached_normal_draws_of_python_and_numpy_survive_the_round_trip(tmp_path):
+    """Python's random.gauss and numpy's legacy normal draw two values and cache the second: the state
+    carries the cached value, so the next normal draw after a resume is the one the run would have made."""
+    seeding.seed_everything(5)
+    random.gauss(0.0, 1.0)
+    np.random.standard_normal()
+    checkpoint.save(checkpoint.new({}, rng=seeding.rng_state()), tmp_path / "r.pt")
+    expected = (random.gauss(0.0, 1.0), np.random.standard_normal())
+    seeding.seed_everything(6)
+    seeding.set_rng_state(checkpoint.load(tmp_path / "r.pt")["rng"])
+    assert (random.gauss(0.0, 1.0), np.random.standard_normal()) == expected
+
+
+def test_a_process_that_never_used_cuda_saves_no_cuda_state_and_does_not_start_cuda():
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA already initialised in this process")
+    state = seeding.rng_state()
+    assert sorted(state) == ["numpy", "python", "torch"] and not torch.cuda.is_initialized()
+
+
+def test_cuda_rng_state_is_saved_where_cuda_is_in_use_and_restored_only_where_cuda_is_available(monkeypatch):
+    """With CUDA faked: a process that initialised CUDA saves its generators' states; a state that holds
+    them restores them where CUDA is available, and is left alone on a CPU machine (a GPU run's checkpoint
+    evaluated on a CPU); a state without them (a CPU run resumed on a GPU machine) leaves CUDA's alone."""
+    restored = []
+    cuda = {"available": True, "initialized": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda["available"])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda["initialized"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((4,), 7, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    assert "cuda" not in seeding.rng_state()  # available but never used: CUDA is not started to save it
+    cuda["initialized"] = True
+    with_cuda = seeding.rng_state()
+    assert torch.equal(with_cuda["cuda"][0], torch.full((4,), 7, dtype=torch.uint8))
+    without_cuda = {k: v for k, v in with_cuda.items() if k != "cuda"}
+    seeding.set_rng_state(without_cuda)
+    assert restored == []
+    seeding.set_rng_state(with_cuda)
+    assert len(restored) == 1 and restored[0] is with_cuda["cuda"]
+    cuda["available"] = False
+    seeding.set_rng_state(with_cuda)
+    assert len(restored) == 1
+
+
+def test_load_reads_the_file_whole_unless_asked_to_map_it(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    checkpoint.save(checkpoint.new({"w": torch.ones(2)}), path)
+    real_load, calls = torch.load, []
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs.get("mmap"), kwargs.get("weights_only")))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    checkpoint.load(path)
+    checkpoint.load(path, mmap=True)
+    assert calls == [(False, True), (True, True)]

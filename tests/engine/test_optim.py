@@ -324,3 +324,156 @@ def test_adamw_is_torchs_adamw_with_the_recipe_s_hyperparameters_and_decay_group
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
     assert not torch.equal(next(models[0].parameters()), next(_model().parameters()))  # it did step
+
+
+def test_poly_with_warmup_decays_over_the_epochs_after_warmup_as_torchs_polynomial_lr():
+    """Warm-up, then torch's PolynomialLR(total_iters=epochs - warmup, power) stepped once per epoch from the
+    end of the warm-up: the decay reaches 0 at `epochs` and stays there (no negative base to the power)."""
+    base, init, warmup, epochs, power = 0.5, 0.05, 2, 10, 2.0
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=base)
+    s = EpochSchedule(ScheduleConfig(epochs=epochs, name="poly", power=power, warmup_epochs=warmup,
+                                     warmup_lr_init=init), opt)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=base)
+    ref = torch.optim.lr_scheduler.PolynomialLR(ref_opt, total_iters=epochs - warmup, power=power)
+    assert [s.set(opt, e) for e in range(warmup)] == pytest.approx([0.05, 0.275], rel=1e-12)  # init + e/2 (base - init)
+    for e in range(warmup, epochs + 3):
+        assert s.set(opt, e) == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15), e
+        ref_opt.step()
+        ref.step()
+    assert s.set(opt, 6) == pytest.approx(0.125)  # by hand: 0.5 * (1 - 4/8) ** 2
+
+
+def _steps(opt, params, grads):
+    """One optimizer step per list of gradients."""
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_rmsprop_sgd_and_adamw_are_torchs_own_with_the_recipe_s_hyperparameters_and_defaults():
+    """Oracle: torch.optim.RMSprop(alpha, eps=sqrt(tf_eps), momentum), torch.optim.SGD(momentum, nesterov) and
+    torch.optim.AdamW built here by hand, over the same parameters and gradients; weight decay per group.
+    The section is frozen, as every config section."""
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        OptimizerConfig(name="sgd", lr=0.05, weight_decay=0.0).lr = 0.1
+    grads = [[torch.tensor([0.3, -0.2, 0.05])], [torch.tensor([-0.1, 0.4, 0.2])]]
+    cases = [
+        (OptimizerConfig(name="rmsprop", lr=0.05, weight_decay=0.01, momentum=0.8, alpha=0.7, tf_eps=0.01),
+         lambda ps: torch.optim.RMSprop(ps, lr=0.05, alpha=0.7, eps=0.1, momentum=0.8, weight_decay=0.01)),
+        (OptimizerConfig(name="sgd", lr=0.05, weight_decay=0.01, momentum=0.8, nesterov=True),
+         lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
+        (OptimizerConfig(name="sgd", lr=0.05, weight_decay=0.0),  # the defaults: no momentum, no nesterov
+         lambda ps: torch.optim.SGD(ps, lr=0.05)),
+        (OptimizerConfig(name="adamw", lr=0.05, weight_decay=0.01),  # the defaults: torch's betas and eps
+         lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01)),
+    ]
+    for cfg, by_hand in cases:
+        ours_p, ref_p = (torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0])) for _ in range(2))
+        ours = build_optimizer(cfg, [{"params": [ours_p], "weight_decay": cfg.weight_decay}])
+        ref = by_hand([ref_p])
+        assert type(ours) is type(ref), cfg
+        _steps(ours, [ours_p], grads)
+        _steps(ref, [ref_p], grads)
+        assert torch.equal(ours_p, ref_p), cfg
+        assert not torch.equal(ours_p, torch.tensor([1.0, 2.0, -1.0])), cfg
+
+
+def test_rmsprop_tf_follows_tensorflows_rmsprop_formula():
+    """TensorFlow's RMSProp (tf.compat.v1.train.RMSPropOptimizer), which the paper's recipe names: the mean
+    square starts at 1, ms = decay * ms + (1 - decay) * g^2, mom = momentum * mom + lr * g / sqrt(ms + eps),
+    w -= mom, with eps (tf_eps) inside the square root. Computed here in float64 by hand."""
+    lr, decay, momentum, eps = 0.1, 0.9, 0.5, 0.01
+    cfg = OptimizerConfig(name="rmsprop_tf", lr=lr, weight_decay=0.0, momentum=momentum, alpha=decay, tf_eps=eps)
+    w0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    p = torch.nn.Parameter(w0.clone())
+    opt = build_optimizer(cfg, [{"params": [p], "weight_decay": 0.0}])
+    grads = [torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64), torch.tensor([2.0, 0.1, -0.3], dtype=torch.float64),
+             torch.tensor([-1.0, 0.0, 0.3], dtype=torch.float64)]
+    w, ms, mom = w0.tolist(), [1.0] * 3, [0.0] * 3
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        for i, gi in enumerate(g.tolist()):
+            ms[i] = decay * ms[i] + (1 - decay) * gi * gi
+            mom[i] = momentum * mom[i] + lr * gi / math.sqrt(ms[i] + eps)
+            w[i] -= mom[i]
+        assert p.detach().tolist() == pytest.approx(w, rel=1e-12, abs=1e-15)
+
+
+def test_lr_scale_multiplies_the_lr_of_every_group_and_the_warm_up_start():
+    """The global-batch rule: lr_scale multiplies the recipe's LR, a group's own LR (a head at 10x) and
+    warmup_lr_init; the schedule then warms up from the scaled start to each scaled group LR."""
+    cfg = OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.0, momentum=0.9)
+    body, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = build_optimizer(cfg, [{"params": body.parameters()}, {"params": head.parameters(), "lr": 1.0}], lr_scale=0.25)
+    assert [g["lr"] for g in opt.param_groups] == [0.025, 0.25]
+    s = EpochSchedule(ScheduleConfig(epochs=10, name="constant", warmup_epochs=2, warmup_lr_init=0.04), opt,
+                      lr_scale=0.25)
+    s.set(opt, 0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01], rel=1e-12)
+    s.set(opt, 1)  # halfway: 0.01 + (base - 0.01) / 2
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0175, 0.13], rel=1e-12)
+    s.set(opt, 2)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025, 0.25], rel=1e-12)
+
+
+def test_lr_noise_with_the_default_pct_std_and_seed_is_timms():
+    """A recipe that states only lr_noise gets timm's noise (its defaults noise_pct 0.67, noise_std 1.0,
+    noise_seed 42): the same LRs as timm's StepLRScheduler built by hand with noise_range_t alone."""
+    from timm.scheduler import StepLRScheduler
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.5)
+    ours = EpochSchedule(ScheduleConfig(epochs=12, name="step", step_size=3, gamma=0.5, lr_noise=(2, 10)), opt)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.5)
+    ref = StepLRScheduler(ref_opt, decay_t=3, decay_rate=0.5, noise_range_t=[2, 10])
+    got, expected = [], []
+    for e in range(12):
+        got.append(ours.set(opt, e))
+        ref.step(e)
+        expected.append(ref_opt.param_groups[0]["lr"])
+    assert got == expected
+    assert got[:2] == [0.5, 0.5] and got[10:] == [0.5 * 0.5 ** 3] * 2 and got[2:10] != [0.5, 0.5 * 0.5] * 4
+    with pytest.raises(ValueError) as err:  # the closed forms have no noise
+        EpochSchedule(ScheduleConfig(epochs=12, name="poly", power=1.0, lr_noise=(2, 10)), opt)
+    assert str(err.value) == "schedule.lr_noise is only supported with step and cosine, not poly"
+
+
+def test_a_resumed_run_keeps_the_recipe_lr_as_the_schedule_s_base():
+    """The optimizer state in a checkpoint carries the decayed LR of its last epoch; the schedule built on
+    the resumed optimizer keeps the recipe's LR as its base (torch's `initial_lr`), so epoch 6 gets the
+    uninterrupted run's LR, as torch's MultiStepLR: 0.4 * 0.1 ** 2."""
+    def optimizer():
+        return build_optimizer(OptimizerConfig(name="sgd", lr=0.4, weight_decay=0.0, momentum=0.9),
+                               [{"params": torch.nn.Linear(2, 2).parameters()}])
+
+    cfg = ScheduleConfig(epochs=10, name="multistep", milestones=[2, 5], gamma=0.1)
+    first = optimizer()
+    sched = EpochSchedule(cfg, first)
+    assert [sched.set(first, e) for e in range(5)] == pytest.approx([0.4, 0.4, 0.04, 0.04, 0.04], rel=1e-12)
+    resumed = optimizer()
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.param_groups[0]["lr"] == pytest.approx(0.04)
+    assert EpochSchedule(cfg, resumed).set(resumed, 6) == pytest.approx(0.004, rel=1e-12)
+
+
+def test_multistep_milestones_are_absolute_epochs_also_at_the_end_of_the_warm_up():
+    """torch's MultiStepLR counts milestones from epoch 0; a milestone on the first epoch after the warm-up
+    applies there. A warm-up with no warmup_lr_init starts at 0 (the default, timm's)."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    s = EpochSchedule(ScheduleConfig(epochs=6, name="multistep", milestones=[2, 4], gamma=0.5, warmup_epochs=2), opt)
+    assert [s.set(opt, e) for e in range(6)] == pytest.approx([0.0, 0.5, 0.5, 0.5, 0.25, 0.25], rel=1e-12)
+
+
+def test_an_iteration_warm_up_of_one_step_is_torchs_linear_lr_over_one_iteration():
+    """warmup_iters 1: torch's LinearLR(start_factor, total_iters=1): step 0 at lr x factor, step 1 at lr."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.2)
+    s = EpochSchedule(ScheduleConfig(epochs=2, name="constant", warmup_iters=1, warmup_factor=0.25), opt)
+    assert [s.set(opt, 0, step, 4) for step in range(3)] == pytest.approx([0.05, 0.2, 0.2], rel=1e-12)
+    assert s.needs_step_updates(0) and not s.needs_step_updates(1)
+    assert s.set(opt, 0, steps_per_epoch=4) == pytest.approx(0.05)  # no step given: the epoch's first
+    # the default factor is torchvision's detection reference's 1 / 1000
+    d = EpochSchedule(ScheduleConfig(epochs=2, name="constant", warmup_iters=2), opt)
+    assert [d.set(opt, 0, step, 4) for step in range(3)] == pytest.approx([0.2e-3, 0.2 * 0.5005, 0.2], rel=1e-12)
