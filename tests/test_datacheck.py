@@ -166,3 +166,74 @@ def test_the_val_check_logs_how_many_headers_it_read_and_how_long_it_took(tmp_pa
     with pytest.raises(DataError):
         check_val_images(paths, [(4, 6)] * 3, "ann.json", decode, 1, DistState(), log)
     assert log.lines == []
+
+
+def test_files_whose_header_cannot_vouch_for_them_are_decoded_so_the_loaders_error_names_them(tmp_path):
+    """A BMP (PIL reads its header, but it has neither an end marker nor a size field checked here, and the
+    loaders cannot decode it) and a file PIL cannot identify at all: both go to the decoder, whose error is
+    the one the training loader would raise, found before training instead."""
+    bmp, text = tmp_path / "image.bmp", tmp_path / "notes.jpg"
+    Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8)).save(bmp)
+    text.write_text("hello world, not an image")
+    with pytest.raises(DataError) as err:
+        image_size(str(bmp), decode)
+    assert str(err.value) == (f"{bmp}: not an image (the file starts with bytes {bmp.read_bytes()[:8].hex(' ')}, "
+                              "not a JPEG, PNG, WebP or GIF signature)")
+    with pytest.raises(DataError) as err:
+        image_size(str(text), decode)
+    assert str(err.value) == (f"{text}: not an image (the file starts with bytes 68 65 6c 6c 6f 20 77 6f, not a JPEG, "
+                              "PNG, WebP or GIF signature)")
+
+
+def test_the_val_check_without_annotated_sizes_checks_only_that_each_image_is_whole(tmp_path):
+    """A classification val set has no annotation file: sizes=None. Any size is fine; a truncated file is
+    still listed."""
+    paths = []
+    for i, hw in enumerate(((4, 5), (7, 3))):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((*hw, 3), i, dtype=np.uint8)).save(paths[-1])
+    check_val_images(paths, None, None, decode, 1, DistState())
+    Path(paths[1]).write_bytes(Path(paths[1]).read_bytes()[:40])
+    with pytest.raises(DataError) as err:
+        check_val_images(paths, None, None, decode, 1, DistState())
+    assert str(err.value).startswith(f"the validation set: 1 of 2 images cannot be used:\n  {paths[1]}: ")
+    assert len(str(err.value).splitlines()) == 2
+
+
+def test_a_long_list_of_problems_shows_the_first_50_and_counts_the_rest():
+    from engine.datacheck import check_images
+
+    class Log:
+        def info(self, text):
+            pass
+
+    def check(path):
+        raise DataError(f"{path}: broken")
+
+    for n, more in ((50, []), (51, ["  ... and 1 more"]), (53, ["  ... and 3 more"])):
+        paths = [f"img{i:02d}.jpg" for i in range(n)]
+        with pytest.raises(DataError) as err:
+            check_images(paths, check, 2, Log())
+        assert str(err.value).splitlines() == [f"--check-data: {n} of {n} images cannot be used:"] + [
+            f"  img{i:02d}.jpg: broken" for i in range(50)] + more, n
+
+
+def test_only_the_batchnorm_error_of_a_batch_of_one_is_refused_anything_else_the_meta_device_cannot_run_passes():
+    """The meta-device pass must not stop a run for an error the real run would not have: any other
+    exception (another ValueError included) is left for the real run to tell."""
+
+    class Fails(torch.nn.Module):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc = exc
+
+        def forward(self, x):
+            raise self.exc
+
+    for exc in (ValueError("Expected 4D input"), NotImplementedError("more than 1 value per channel"),
+                RuntimeError("no meta kernel")):
+        check_single_image_batch(lambda: Fails(exc), (3, 8, 8), "X", "Y")
+    with pytest.raises(DataError, match=r"^X, and the model cannot train on one image \(its BatchNorm needs more "
+                                        r"than one value per channel: Expected more than 1 value per channel\); Y$"):
+        check_single_image_batch(lambda: Fails(ValueError("Expected more than 1 value per channel")), (3, 8, 8),
+                                 "X", "Y")

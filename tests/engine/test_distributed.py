@@ -59,10 +59,31 @@ def test_torchrun_ranks_and_a_gloo_group_on_cpu(env, groups):
 
 
 def test_torchrun_with_one_process_makes_no_group(env, groups):
-    env(RANK=0, WORLD_SIZE=1)
+    env(RANK=0, WORLD_SIZE=1)  # no LOCAL_RANK: local rank 0
     state = distributed.init("cpu")
-    assert (state.rank, state.world_size, state.is_main, state.distributed) == (0, 1, True, False)
+    assert (state.rank, state.world_size, state.local_rank, state.is_main, state.distributed) == (0, 1, 0, True, False)
     assert groups == []
+
+
+def test_srun_with_two_tasks_is_a_group_of_two(env, groups):
+    """The smallest multi-task step (SLURM_NTASKS=2): a process group, not a plain process."""
+    env(SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_LOCALID=1, MASTER_ADDR="node1")
+    state = distributed.init("cpu")
+    assert (state.rank, state.world_size, state.local_rank, state.is_main, state.distributed) == (1, 2, 1, False, True)
+    [(args, kw)] = groups
+    assert args == ("gloo",) and (kw["rank"], kw["world_size"]) == (1, 2) and launch_world_size() == 2
+
+
+def test_a_dist_state_cannot_be_changed_once_made():
+    """Every module shares the DistState it was given (lock_dir's default is one instance for every call):
+    none can change another's rank or world size."""
+    import dataclasses
+
+    state = DistState()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.world_size = 2
+    assert (state.world_size, state.distributed, state.is_main) == (1, False, True)  # still one process
+    assert {state, DistState()} == {DistState()}  # frozen and compared by value: hashable, one element
 
 
 def test_srun_tasks_need_a_master_address_and_get_a_default_port(env, groups, monkeypatch):
@@ -101,6 +122,25 @@ def test_device_names(monkeypatch):
         distributed.resolve_device("cuda:1")
 
 
+def test_each_process_takes_the_gpu_of_its_local_rank_unless_the_recipe_names_one(monkeypatch, env, groups):
+    """torchrun and srun start one process per GPU: `cuda` (or `auto` on a GPU machine) is the GPU numbered
+    by the local rank, made the current device; `cuda:N` is GPU N whatever the rank. A CUDA machine is
+    stood in for (no GPU here): only which device is chosen and set is checked."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert distributed.resolve_device("cuda") == torch.device("cuda", 0)
+    assert distributed.resolve_device("auto", 2) == torch.device("cuda", 2)
+    assert distributed.resolve_device("cuda:1", 3) == torch.device("cuda", 1)
+    assert distributed.resolve_device("cpu", 3) == torch.device("cpu")
+    assert current == [torch.device("cuda", 0), torch.device("cuda", 2), torch.device("cuda", 1)]
+    env(RANK=5, WORLD_SIZE=8, LOCAL_RANK=1)  # torchrun on a GPU node: nccl, bound to the process's GPU
+    state = distributed.init("cuda")
+    assert state.device == torch.device("cuda", 1) and current[-1] == torch.device("cuda", 1)
+    [(args, kw)] = groups
+    assert args == ("nccl",) and kw["device_id"] == torch.device("cuda", 1)
+
+
 _RANK_1 = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
@@ -111,36 +151,77 @@ state = DistState(rank=1, world_size=2)
 total = distributed.all_reduce_sum(torch.tensor([2.0, 10.0]), state).tolist()
 top = distributed.all_reduce_max(torch.tensor([4.0, 1.0]), state).tolist()
 every = distributed.all_gather_object({"rank": 1}, state)
+from pathlib import Path
+from engine import preemption, rundir
+try:
+    rundir.lock_dir(Path(sys.argv[3]), state)
+except Exception as exc:
+    refused = f"{type(exc).__name__}: {exc}"
+import os, signal
+stop = preemption.Preemption(distributed=True)
+os.kill(os.getpid(), signal.SIGUSR1)
+agreed = stop.agreed()
+stop.restore()
 distributed.shutdown()
 print(total, top, every)
+print(refused)
+print(agreed)
 """
 
 
 def test_collectives_over_two_real_gloo_ranks(tmp_path):
     """A real 2-rank gloo group: this process is rank 0 (so the collectives run here), a subprocess rank 1.
-    Sums and maxima across ranks, and every rank's object in rank order, on both."""
+    Sums and maxima across ranks, and every rank's object in rank order, on both. Then the two agreements
+    the engine builds on them: rank 0's refusal of a locked run directory stops rank 1 too (docs/cluster.md),
+    and a preemption signal that only rank 1 received stops rank 0 as well (the MAX of the signal numbers)."""
+    import fcntl
+    import signal
+    import struct
     import subprocess
     import sys
 
     import torch.distributed as dist
 
+    from engine import preemption, rundir
+    from engine.errors import RunDirError
     from tests.conftest import ROOT
 
-    store = tmp_path / "store"
-    other = subprocess.Popen([sys.executable, "-c", _RANK_1, str(store), str(ROOT)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    store, run_dir = tmp_path / "store", tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", _RANK_1, str(store), str(ROOT), str(run_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    refused, stop = None, None
+    handlers = {s: signal.getsignal(s) for s in preemption.SIGNALS}
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=2)
         state = DistState(rank=0, world_size=2)
         total = distributed.all_reduce_sum(torch.tensor([1.0, 0.0]), state).tolist()
         top = distributed.all_reduce_max(torch.tensor([5.0, 0.0]), state).tolist()
         every = distributed.all_gather_object({"rank": 0}, state)
+        with open(run_dir / "run.lock", "a+") as holder:  # another run holds the directory (an OFD lock, which
+            # conflicts with lockf's even within this process: fcntl(2))
+            holder.write("host elsewhere, pid 4242\n")
+            holder.flush()
+            fcntl.fcntl(holder, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+            with pytest.raises(RunDirError) as err:
+                rundir.lock_dir(run_dir, state)
+            refused = str(err.value)
+        stop = preemption.Preemption(distributed=True)
+        agreed = stop.agreed()
     finally:
+        if stop is not None:
+            stop.restore()
+        for s, h in handlers.items():
+            signal.signal(s, h)
         distributed.shutdown()
         out, err = other.communicate(timeout=120)
     assert other.returncode == 0, err[-2000:]
     assert (total, top, every) == ([3.0, 10.0], [5.0, 1.0], [{"rank": 0}, {"rank": 1}])
-    assert out.strip() == "[3.0, 10.0] [5.0, 1.0] [{'rank': 0}, {'rank': 1}]"
+    assert refused == (f"{run_dir} is in use by another run (host elsewhere, pid 4242; {run_dir / 'run.lock'} is "
+                       "locked); wait for it to end or give this run another run.output_dir")
+    assert (agreed, stop.signum) == (signal.SIGUSR1, 0)  # rank 1's signal; none arrived here
+    assert out.splitlines() == ["[3.0, 10.0] [5.0, 1.0] [{'rank': 0}, {'rank': 1}]", f"RunDirError: {refused}",
+                                str(int(signal.SIGUSR1))]
     assert not dist.is_initialized()
 
 

@@ -5,6 +5,7 @@ agreement over a process group and the exit-time kill of daemonic children, in-p
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -129,12 +130,14 @@ def test_daemonic_children_are_killed_at_exit_even_if_they_ignore_sigterm():
     child = multiprocessing.get_context("fork").Process(target=_stubborn, daemon=True)
     child.start()
     time.sleep(0.5)
-    previous = signal.getsignal(signal.SIGCHLD)
+    previous = signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # as torch's worker-failure handler
     try:
         started = time.monotonic()
         _kill_children_at_exit()
+        assert not os.path.exists(f"/proc/{child.pid}")  # reaped (joined) before returning: not even a zombie
         assert not child.is_alive() and child.exitcode == -signal.SIGKILL
         assert time.monotonic() - started < 5
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL  # no handler left to report the kill
     finally:
         signal.signal(signal.SIGCHLD, previous)
 
@@ -186,3 +189,71 @@ def test_a_process_with_a_worker_that_ignores_sigterm_still_exits():
     proc = subprocess.run([sys.executable, "-c", _EXITS, str(ROOT)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout == "leaving\n", proc.stderr[-2000:]
     assert time.monotonic() - started < 30
+
+
+def test_loader_workers_are_started_with_the_signals_blocked_and_only_workers(monkeypatch):
+    """docs/cluster.md: a loader's workers start with the preemption signals blocked (so one arriving as they
+    start waits, and is then ignored by ignore_in_worker); a loader without workers starts none and blocks
+    nothing. What torch's worker start sees is recorded in place of starting them."""
+    from engine.preemption import SIGNALS, data_loader
+
+    seen = []
+
+    def start(self):
+        seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return iter(())
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "_get_iterator", start)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert not set(SIGNALS) & before
+    for workers in (0, 1, 2):
+        assert list(data_loader([1, 2], num_workers=workers)) == []
+    assert [set(SIGNALS) <= mask for mask in seen] == [False, True, True]
+    assert seen[0] == before and signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_restore_puts_back_the_previous_handlers_and_ignores_a_default_sigusr1():
+    """After the run, SLURM's time-limit SIGUSR1 must not kill a finishing process: a SIGUSR1 that had the
+    default action (which terminates) becomes ignored; every other handler, SIGUSR1's own included, comes back
+    as it was."""
+    from engine.preemption import Preemption
+
+    def mine(signum, frame):
+        pass
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        for before, after in (
+                ({signal.SIGTERM: signal.SIG_DFL, signal.SIGUSR1: signal.SIG_DFL, signal.SIGINT: mine},
+                 {signal.SIGTERM: signal.SIG_DFL, signal.SIGUSR1: signal.SIG_IGN, signal.SIGINT: mine}),
+                ({signal.SIGTERM: mine, signal.SIGUSR1: mine, signal.SIGINT: signal.default_int_handler},
+                 {signal.SIGTERM: mine, signal.SIGUSR1: mine, signal.SIGINT: signal.default_int_handler})):
+            for s, h in before.items():
+                signal.signal(s, h)
+            p = Preemption(distributed=False)
+            assert all(signal.getsignal(s) == p._handle for s in before)
+            p.restore()
+            assert {s: signal.getsignal(s) for s in before} == after
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_the_stop_message_reaches_a_redirected_stderr_at_once(tmp_path, monkeypatch):
+    """Under SLURM stderr is a file (block-buffered): the line saying why the run stops is flushed when the
+    signal arrives, not when the process exits (a process killed after the grace period would lose it)."""
+    from engine.preemption import Preemption
+
+    err = tmp_path / "stderr"
+    usr1 = signal.getsignal(signal.SIGUSR1)
+    with open(err, "w") as fh, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", fh)
+        p = Preemption(distributed=False)
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs before the next line of this frame
+            assert err.read_text() == ("received SIGUSR1: stopping at the next optimizer step (or after the "
+                                       "evaluation under way) with a checkpoint\n")
+            assert p.agreed() == signal.SIGUSR1
+        finally:
+            p.restore()
+            signal.signal(signal.SIGUSR1, usr1)

@@ -263,3 +263,79 @@ def test_resume_from_an_explicit_path_loads_it_or_names_the_missing_file(tmp_pat
         _open(_cfg(out, resume=str(other)))
     assert str(err.value) == (f"run.resume: {other} is a directory, not a checkpoint file (use run.resume=auto to "
                               f"continue {out})")
+
+
+def test_checkpoints_alone_without_last_pt_or_metrics_still_make_a_run(tmp_path):
+    """A run killed between writing its epoch file and linking last.pt (or one whose last.pt was deleted) holds
+    epoch files only; one whose epoch files were pruned by hand holds last.pt only. Either is a run to refuse,
+    named by what it holds."""
+    out = tmp_path / "run"
+    ckpt = _checkpoints(out, _cfg(out))
+    (ckpt / "last.pt").unlink()
+    with pytest.raises(RunDirError, match=r"already holds a run \(epoch_000.pt, epoch_001.pt\); continue it"):
+        _open(_cfg(out))
+    (ckpt / "last.pt").write_bytes((ckpt / "epoch_001.pt").read_bytes())
+    for f in ckpt.glob("epoch_*.pt"):
+        f.unlink()
+    with pytest.raises(RunDirError, match=r"already holds a run \(last.pt\); continue it"):
+        _open(_cfg(out))
+
+
+def test_resume_auto_without_last_pt_skips_an_unreadable_newest_epoch_and_says_later_metrics_are_dropped(
+        tmp_path, capsys):
+    """last.pt missing and the newest epoch file truncated: the one before it is resumed, and the warning is the
+    one that says later epochs' metrics go (not merely that last.pt is missing)."""
+    out = tmp_path / "run"
+    cfg = _cfg(out, resume="auto")
+    ckpt = _checkpoints(out, cfg, epochs=3)
+    (ckpt / "last.pt").unlink()
+    (ckpt / "epoch_002.pt").write_bytes((ckpt / "epoch_002.pt").read_bytes()[:100])
+    run = _open(cfg)
+    assert run.state["epoch"] == 1 and run.resume_path == ckpt / "epoch_001.pt"
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"warning: {ckpt / 'epoch_002.pt'}: not a readable checkpoint (")
+    assert lines[1] == (f"warning: resuming from {ckpt / 'epoch_001.pt'}, the newest checkpoint that could be read; "
+                        "metrics of later epochs are dropped")
+
+
+def test_an_evaluation_beside_a_training_run_says_where_it_writes(tmp_path, capsys):
+    """docs/cluster.md: an eval-only run pointed at a training run's directory writes to its eval/; the user
+    is told so, in one line."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    run = _open(_cfg(out, eval_only=True))
+    assert run.out_dir == out / "eval" and (out / "eval" / "run.lock").exists() and not (out / "run.lock").exists()
+    assert capsys.readouterr().out == f"{out} holds a training run: this evaluation is written to {out / 'eval'}\n"
+
+
+def test_release_closes_the_lock_file_itself_whoever_else_still_holds_it(tmp_path):
+    """The lock lasts as long as its open file: release() must close it, not only drop its reference (a
+    traceback or a caller holding the file would otherwise keep the directory locked)."""
+    run = rundir.open_run(_cfg(tmp_path / "run"), DistState())
+    held = run.lock
+    assert not held.closed
+    run.release()
+    assert held.closed and run.lock is None
+
+
+def test_a_refused_lock_leaves_no_open_file_for_the_garbage_collector(tmp_path):
+    """The lock file of a refused start is closed on the spot (Python reports a file left to the collector
+    with a ResourceWarning). The holder here is an open-file-description lock taken in this process: it
+    conflicts with lockf's record lock even within one process (fcntl(2)), so no second process is needed."""
+    import fcntl
+    import struct
+    import warnings
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "run.lock", "a+") as other:  # empty: the holder wrote no line yet
+        fcntl.fcntl(other, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(RunDirError) as err:
+                rundir.lock_dir(out)
+        assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []
+    assert str(err.value) == (f"{out} is in use by another run (unknown; {out / 'run.lock'} is locked); wait for it "
+                              "to end or give this run another run.output_dir")
+    rundir.lock_dir(out).close()  # the holder's lock went with its file
