@@ -87,14 +87,13 @@ class _Cfg:
 
 
 def _loop(model, optimizer, plan, tmp_path, epochs=1, factor=None, clip=None, print_freq=1000, log=None,
-          ema=None, ema_every=1, keep_checkpoints=None, state=None, schedule=None, changes=None, **kw):
+          ema=None, keep_checkpoints=None, state=None, schedule=None, changes=None, **kw):
     cfg = _Cfg(_Schedule(epochs), _run_cfg(print_freq=print_freq, divergence_factor=factor,
                                            keep_checkpoints=keep_checkpoints))
     run = SimpleNamespace(log=log or _NoLog(), ckpt_dir=tmp_path / "checkpoints", out_dir=tmp_path, state=state,
                           changes=changes or {}, resume_path=tmp_path / "checkpoints" / "last.pt")
     schedule = EpochSchedule(schedule or ScheduleConfig(epochs=epochs, name="constant"), optimizer)
-    return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip, ema=ema,
-                ema_every=ema_every, **kw)
+    return Loop(cfg, DistState(), run, model, optimizer, schedule, plan, clip_grad_norm=clip, ema=ema, **kw)
 
 
 def _data(n=40, seed=0):
@@ -193,6 +192,8 @@ def test_epoch_batches_skip_resumes_the_same_order():
     assert list(b) == full[2:] and len(b) == 5 and b.total() == 7
     b.set_epoch(5)
     assert list(b) != full  # a new order each epoch
+    fresh = EpochBatches(SequentialSampler(range(20)), 3)  # before any set_epoch: from the first batch, as DataLoader
+    assert len(fresh) == 7 and list(fresh)[0] == [0, 1, 2]
 
 
 def test_epoch_stats_average_the_loss_and_each_logged_part_over_micro_batches(tmp_path):
@@ -510,6 +511,7 @@ def test_long_lists_in_messages_keep_the_first_six_and_the_last_three():
 
     assert _few(list(range(12))) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
     assert _few(list(range(20))) == "0, 1, 2, 3, 4, 5, ..., 17, 18, 19"
+    assert _few(list(range(13))) == "0, 1, 2, 3, 4, 5, ..., 10, 11, 12"  # 12 is the most listed whole
 
 
 def test_the_ema_weights_are_restored_on_resume(tmp_path):
@@ -762,3 +764,368 @@ def test_finish_restores_the_handlers_closes_the_log_writes_the_report_and_relea
     loop.history.append({"epoch": 0, "acc1": 1.0})
     loop.finish()
     assert events == ["close", "report", "release"]
+
+
+def test_an_epoch_of_one_micro_batch_has_its_loss_as_the_mean_and_says_that_evaluation_begins(tmp_path, capsys):
+    model = nn.Linear(6, 3)
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.0), BatchPlan(1, 8, 4, None, "none"), tmp_path,
+                 epochs=3, log=_Printing(tmp_path))
+    loop.start_epoch = 2
+    _constant_losses(loop, model, 8, 8, [2.5])  # 8 images in batches of 8: one micro-batch, one (short) step
+    stats = loop.epoch_stats()
+    assert (stats["train_loss"], stats["optimizer_steps"]) == (2.5, 1)
+    assert capsys.readouterr().out.splitlines()[-1] == "epoch 2: 1 optimizer steps done; evaluating"
+
+
+def test_the_gradients_are_freed_after_each_optimizer_step(tmp_path):
+    """zero_grad(set_to_none=True): no gradient is held between steps, so a parameter that gets none in a
+    step is skipped by the optimizer; with zeroed gradients SGD's momentum would still move it."""
+    model = nn.Linear(6, 3)
+    extra = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1, momentum=0.9)
+    loop = _loop(model, opt, BatchPlan(1, 8, 1, None, "none"), tmp_path)
+    loader = DataLoader(_data(16), batch_sampler=EpochBatches(SequentialSampler(range(16)), 8))
+    after = []
+    for i, (x, y) in enumerate(loop.batches(loader, 0)):
+        with loop.forward():
+            loss = nn.functional.cross_entropy(model(x), y) + (extra.sum() if i == 0 else 0.0)  # extra: step 0 only
+        assert loop.backward(loss, images=len(x))
+        assert all(p.grad is None for p in [*model.parameters(), extra])
+        after.append(extra.detach().clone())
+    assert torch.equal(after[0], torch.full((3,), 0.9)) and torch.equal(after[1], after[0])
+
+
+def test_a_resume_restores_the_weights_and_leaves_out_an_ema_and_a_scaler_the_run_no_longer_has(tmp_path):
+    """A checkpoint of a run with EMA and a GradScaler, resumed with both switched off (model.ema, train.amp
+    changed): the model's weights and the epoch's metrics come back, the EMA and scaler entries are ignored."""
+    from engine import checkpoint
+
+    class Ema:
+        module = nn.Linear(6, 3)
+
+        def update(self, m):
+            pass
+
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.5), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3, ema=Ema(), scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    _epoch(loop, model, 16, 8)
+    loop.end_epoch(0, {"acc1": 7.5}, loop.epoch_stats())
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert "model_ema" in state and "scaler" in state and state["metrics"] == {"acc1": 7.5}
+    again_model = _model()
+    assert not torch.equal(again_model[0].weight, model[0].weight)  # trained: not the starting weights
+    again = _loop(again_model, torch.optim.SGD(again_model.parameters(), lr=0.5), BatchPlan(1, 8, 1, None, "none"),
+                  tmp_path, epochs=3, state=state)
+    again.resume()
+    for p, q in zip(again_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_checkpoint_without_a_position_resumes_at_the_start_of_the_next_epoch(tmp_path):
+    """An older checkpoint (no position, optimizer-step count or starting loss): its `epoch` is the last one
+    done, so the run continues at the next epoch's first micro-batch, counting optimizer steps from 0."""
+    from engine import checkpoint
+
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=5)
+    loop.start_epoch = 1
+    _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+    loop.end_epoch(1, {"acc1": 1.0}, loop.epoch_stats())
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    for key in ("position", "global_step", "loss_reference"):
+        del state[key]
+    again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                  tmp_path, epochs=5, state=state)
+    again.resume()
+    assert (again.start_epoch, again.start_micro, again.global_step, again.loss_reference) == (2, 0, 0, None)
+
+
+def test_with_ddp_only_the_last_micro_batch_of_a_group_synchronises_gradients(tmp_path):
+    """DDP's all-reduce runs only for a group's last micro-batch (no_sync for the others: DDP decides in the
+    forward pass). 10 micro-batches in groups of 4: [4, 4, 2]. A one-process gloo group, in-process."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _model()
+        ddp = DistributedDataParallel(model)
+        synced = []
+        model.register_forward_pre_hook(lambda m, args: synced.append(ddp.require_backward_grad_sync))
+        loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 4, 4, None, "none"), tmp_path,
+                     train_model=ddp)
+        _epoch(loop, ddp, 40, 4)
+    finally:
+        dist.destroy_process_group()
+    assert synced == [False, False, False, True, False, False, False, True, False, True]
+    assert loop.step == 3
+
+
+def test_srun_with_several_tasks_counts_them_as_processes(monkeypatch):
+    from engine.loop import launch_world_size
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    for ntasks, processes in [("2", 2), ("1", 1)]:
+        monkeypatch.setenv("SLURM_NTASKS", ntasks)
+        assert launch_world_size() == processes
+    monkeypatch.setenv("WORLD_SIZE", "3")  # torchrun's count first
+    assert launch_world_size() == 3
+
+
+def test_cudnn_autotuning_is_set_for_a_cuda_device_only_and_tf32_for_any():
+    from engine.loop import set_backends
+
+    backends = torch.backends
+    saved = backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    try:
+        backends.cudnn.benchmark = False
+        set_backends(torch.device("cpu"), True, True)
+        assert (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32) == \
+            (False, True, True)
+        set_backends(torch.device("cuda"), True, False)  # flags only: no GPU needed
+        assert (backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32) == \
+            (True, False, False)
+    finally:
+        backends.cudnn.benchmark, backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved
+
+
+class _Timed(TensorDataset):
+    """Each sample takes 1 s of the test's clock to load."""
+
+    def __init__(self, clock, n):
+        super().__init__(*_data(n).tensors)
+        self.clock = clock
+
+    def __getitem__(self, i):
+        self.clock.t += 1.0
+        return super().__getitem__(i)
+
+
+def test_two_ranks_starting_loss_epoch_loss_and_throughput_are_over_both(tmp_path, monkeypatch, capsys):
+    """Rank 0 of 2, the other rank simulated in the collectives: its first step's loss is 5 (ours 1), so the
+    starting loss is 3; its 2 micro-batches sum to 10 (ours 1 + 3), so the epoch's loss is 14 / 4; it loads
+    as many images, so images/s count ours twice. The clock (from 100 s): 4 s to load each batch of 4,
+    6 s per step: 2 steps in 20 s, 8 s of them waiting for data."""
+    import engine.loop
+
+    clock = SimpleNamespace(t=100.0)
+    monkeypatch.setattr(engine.loop.time, "perf_counter", lambda: clock.t)
+
+    def all_reduce_sum(t, dist):
+        return t.add_(5.0 if t.dim() == 0 else torch.tensor([10.0, 2.0], dtype=t.dtype))  # sorted keys: loss, micro
+
+    monkeypatch.setattr(engine.loop.distributed, "all_reduce_sum", all_reduce_sum)
+    monkeypatch.setattr(engine.loop.distributed, "all_reduce_max", lambda t, dist: t)  # the same counts, no bad step
+    model = nn.Linear(6, 3)
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.0), BatchPlan(2, 4, 1, None, "none"), tmp_path,
+                 factor=10.0, print_freq=2, log=_Printing(tmp_path))
+    loop.dist = DistState(rank=0, world_size=2)
+    loader = DataLoader(_Timed(clock, 8), batch_sampler=EpochBatches(SequentialSampler(range(8)), 4))
+    for (x, _), v in zip(loop.batches(loader, 0), [1.0, 3.0]):
+        clock.t += 6.0
+        with loop.forward():
+            loss = model(x).sum() * 0.0 + v
+        loop.backward(loss, images=len(x))
+    assert loop.loss_reference == 3.0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith("epoch 0 2/2 ") and line.endswith(" img_s 0.8"), line  # 2 x 8 images in 20 s
+    stats = loop.epoch_stats()
+    assert stats["train_loss"] == 14.0 / 4
+    assert stats["images_per_s"] == pytest.approx(0.8) and stats["data_wait"] == pytest.approx(0.4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaunchCfg:
+    run: RunConfig
+
+
+def test_launch_prints_a_user_facing_error_as_one_message_and_exits_1(tmp_path, capsys, monkeypatch):
+    """launch(): a KeyError's quotes go (str(KeyError) adds them), other messages keep theirs; a loader worker's
+    error (its text holds the worker's traceback) is shown from its last `Type: message` line on, or by its
+    type alone without a message, or by its last line when it has no such line; a preemption passes through."""
+    import sys
+
+    from engine.errors import Preempted, UserError
+    from engine.loop import launch
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {output_dir: out, seed: 0}\n")
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train_x.py"])
+    worker = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              '  File "/x/worker.py", line 309, in _worker_loop\n    data = fetcher.fetch(index)\n')
+    for exc, shown in [(KeyError("model_ema"), "model_ema"),
+                       (UserError("expected 'a' or \"b\""), "expected 'a' or \"b\""),
+                       (FileNotFoundError("/d/x.jpg: not found"), "/d/x.jpg: not found"),
+                       (ValueError(worker + "engine.errors.DataError"), "engine.errors.DataError"),
+                       (ValueError(worker.rstrip("\n")), "data = fetcher.fetch(index)")]:
+        def main(cfg, exc=exc):
+            raise exc
+
+        with pytest.raises(SystemExit) as exit_:
+            launch(_LaunchCfg, main, argv=["--recipe", str(recipe)])
+        assert exit_.value.code == 1 and capsys.readouterr().err == f"train_x.py: error: {shown}\n", exc
+
+    def preempted(cfg):
+        raise Preempted(15, "stopped by SIGTERM")
+
+    with pytest.raises(Preempted) as exit_:
+        launch(_LaunchCfg, preempted, argv=["--recipe", str(recipe)])
+    assert exit_.value.code == 143 and capsys.readouterr().err == ""
+
+
+def test_a_signal_in_a_slurm_job_requeues_it_says_so_and_closes_the_log(tmp_path, monkeypatch, capsys):
+    """SIGUSR1 (SLURM's time-limit warning) in a batch job: `scontrol requeue JOB` (faked here), the message
+    says the job was requeued, the log (TensorBoard's writer) is closed; the mid-epoch checkpoint has no
+    metrics (none were computed)."""
+    import signal
+
+    from engine import checkpoint, preemption
+    from engine.errors import Preempted
+
+    calls, closed = [], []
+
+    def scontrol(cmd, **kw):
+        calls.append(cmd)
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    class Log(_Rows):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(preemption, "subprocess", SimpleNamespace(run=scontrol))
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=2, log=Log(tmp_path))
+    monkeypatch.setattr(loop._preempt, "agreed", lambda: signal.SIGUSR1 if loop.step == 2 else 0)
+    with pytest.raises(Preempted) as err:
+        _epoch(loop, model, 40, 8)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert err.value.message == (f"stopped by SIGUSR1 at epoch 0, optimizer step 2/5: {last} written; the same "
+                                 "command resumes exactly (requeued SLURM job 42)")
+    assert calls == [["scontrol", "requeue", "42"]] and closed == [True]
+    state = checkpoint.load(last)
+    assert state["position"] == {"epoch": 0, "micro": 2} and state["metrics"] == {}
+
+
+def test_progress_lines_show_each_steps_loss_as_the_mean_of_its_group(tmp_path, capsys):
+    """14 micro-batches in groups of 2: 7 optimizer steps; with run.print_freq=3 a line after steps 3 and 6
+    and the last, each with the mean loss of that step's group."""
+    model = nn.Linear(6, 3)
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.0), BatchPlan(1, 4, 2, None, "none"), tmp_path,
+                 print_freq=3, log=_Printing(tmp_path))
+    _constant_losses(loop, model, 56, 4, [1.0, 3.0, 5.0, 7.0, 1.0, 2.0, 4.0, 8.0, 0.0, 1.0, 9.0, 3.0, 4.0, 6.0])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" eta ")[0] for line in lines] == ["epoch 0 3/7", "epoch 0 6/7", "epoch 0 7/7"], lines
+    assert [line.split(" loss ")[1].split()[0] for line in lines] == ["1.5", "6", "5"], lines
+
+
+def test_on_a_gpu_the_guard_checks_every_print_freq_steps_and_names_the_first_bad_step(tmp_path):
+    """On a GPU the guard's .item() (a sync) runs every run.print_freq optimizer steps and after the epoch's
+    last; it names the first bad step since the last check, though later ones are bad too."""
+    model = nn.Linear(6, 3)
+    nan = float("nan")
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.0), BatchPlan(1, 4, 1, None, "none"), tmp_path,
+                 print_freq=4)
+    loop._check_every = 4  # what a CUDA device gets (run.print_freq); a CPU checks every step
+    with pytest.raises(Diverged, match="is not finite at epoch 0, step 0:"):
+        _constant_losses(loop, model, 24, 4, [nan, 1.0, nan, 1.0, 1.0, 1.0])
+    assert loop.step == 4  # found at the check after step 4, not at once
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.0), BatchPlan(1, 4, 1, None, "none"), tmp_path,
+                 print_freq=4)
+    loop._check_every = 4
+    with pytest.raises(Diverged, match="is not finite at epoch 0, step 5:"):  # 6 steps: found at the epoch's end
+        _constant_losses(loop, model, 24, 4, [1.0, 1.0, 1.0, 1.0, 1.0, nan])
+    assert loop.step == 6
+
+
+def test_a_loss_of_exactly_the_factor_times_the_starting_loss_is_not_divergence(tmp_path):
+    model = nn.Linear(6, 3)
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.0), BatchPlan(1, 4, 1, None, "none"), tmp_path,
+                 factor=4.0)
+    with pytest.raises(Diverged, match="above 4 x the starting loss 2 .* at epoch 0, step 2:"):
+        _constant_losses(loop, model, 16, 4, [2.0, 8.0, 8.5, 1.0])
+
+
+def test_a_resumed_rank_continues_its_own_random_stream_or_reseeds_by_its_rank(tmp_path):
+    """Rank 1 of 2: from a checkpoint of 2 processes it takes the second RNG state; from one of 1 process
+    it seeds with run.seed + 1000 x epoch + rank."""
+    from engine import checkpoint, seeding
+
+    model = _model()
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"), tmp_path,
+                 epochs=3)
+    _constant_losses(loop, model, 16, 8, [1.0, 2.0])
+    loop.end_epoch(0, {"acc1": 1.0}, loop.epoch_stats())
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    states, draws = [], []
+    for seed in (11, 22):
+        torch.manual_seed(seed)
+        states.append(seeding.rng_state())
+        draws.append(torch.rand(3))
+    for rngs, expected in [(states, draws[1]),
+                           (states[:1], torch.rand(3, generator=torch.Generator().manual_seed(0 + 1000 * 1 + 1)))]:
+        torch.manual_seed(99)
+        again = _loop(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), BatchPlan(1, 8, 1, None, "none"),
+                      tmp_path, epochs=3, state={**state, "rng": rngs})
+        again.dist = DistState(rank=1, world_size=2)
+        again.resume()
+        assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_per_iteration_schedule_sets_each_optimizer_steps_lr_and_leaves_the_last_steps(tmp_path):
+    """schedule.per_iteration (poly, power 1, 2 epochs): optimizer step s of epoch e (8 micro-batches in groups of
+    2: 4 steps) has lr 0.4 x (1 - (e + s / 4) / 2). After the epoch's last step the LR stays that step's (the
+    epoch's checkpoint records it; the next epoch sets its own); the epoch's row has its first step's."""
+    from engine import checkpoint
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.4)
+    loop = _loop(model, opt, BatchPlan(1, 4, 2, None, "none"), tmp_path, epochs=2,
+                 schedule=ScheduleConfig(epochs=2, name="poly", power=1.0, per_iteration=True))
+    seen = []
+    _epoch(loop, model, 32, 4, before=lambda i: seen.append(opt.param_groups[0]["lr"]))
+    assert seen == pytest.approx([0.4, 0.4, 0.35, 0.35, 0.3, 0.3, 0.25, 0.25])
+    stats = loop.epoch_stats()
+    loop.end_epoch(0, {"acc1": 1.0}, stats)
+    assert stats["lr"] == pytest.approx(0.4)
+    lr = checkpoint.load(tmp_path / "checkpoints" / "epoch_000.pt")["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.25)
+
+
+def test_the_ema_is_updated_after_every_optimizer_step_by_default(tmp_path):
+    model = _model()
+    updates = []
+
+    class Ema:
+        module = model
+
+        def update(self, m):
+            updates.append(1)
+
+    loop = _loop(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchPlan(1, 8, 2, None, "none"), tmp_path,
+                 ema=Ema())
+    _epoch(loop, model, 40, 8)  # 5 micro-batches in groups of 2: 3 optimizer steps
+    assert len(updates) == 3
+
+
+def test_plan_that_cannot_meet_the_global_batch_lists_the_batch_sizes_and_process_counts_that_would():
+    """run.global_batch=96 with 2 processes x 32: per process 48, whose divisors are the batch sizes; with 32
+    images per process, 96 = 1 x 32 x 3 or 3 x 32 x 1 (2 x 32 = 64 does not divide 96)."""
+    with pytest.raises(ConfigError) as err:
+        plan_batch(_run_cfg(global_batch=96), 32, "auto", "none", 2)
+    assert err.value.problems == [
+        "train.accumulate=auto: the recipe's global batch (run.global_batch=96) is not a multiple of 2 processes x "
+        "data.batch_size 32 = 64; it would be met exactly with 2 processes, data.batch_size one of 1, 2, 3, 4, 6, 8, "
+        "12, 16, 24, 48; with data.batch_size=32, a process count of 1, 3; or an explicit train.accumulate=N with "
+        "optimizer.lr_scaling=linear|sqrt|none"]
+    with pytest.raises(ConfigError) as err:  # 100 is a multiple of neither 3 nor 7: only the explicit way
+        plan_batch(_run_cfg(global_batch=100), 7, "auto", "none", 3)
+    assert err.value.problems == [
+        "train.accumulate=auto: the recipe's global batch (run.global_batch=100) is not a multiple of 3 processes x "
+        "data.batch_size 7 = 21; it would be met exactly or an explicit train.accumulate=N with "
+        "optimizer.lr_scaling=linear|sqrt|none"]
