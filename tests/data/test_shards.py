@@ -1,9 +1,13 @@
 """data/shards.py, tools/make_shards.py and tools/stage_shards.py on real files.
 
 Oracles: the source files themselves (every sample's bytes), GNU tar (extracts the shards to the same
-files), an order computed here with sorted os.listdir, sha256sum, a real tmpfs for the full disk."""
+files), an order computed here with sorted os.listdir, sha256sum, a real tmpfs for the full disk; Python's
+tarfile (members, modes, sizes), hashlib, open()/io.FileIO (how a sample opened by name reads and seeks), and
+sets and manifests written here from docs/shards.md's format."""
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -341,6 +345,8 @@ def test_shards_are_planned_by_tar_bytes_header_and_padding_counted():
     assert shards.plan_shards([511, 1, 1024], 2048) == [range(0, 2), range(2, 3)]  # 1024 + 1024, then 1536
     assert shards.plan_shards([5000, 10, 10], 3072) == [range(0, 1), range(1, 3)]
     assert shards.plan_shards([], 3072) == []
+    assert shards.plan_shards([1] * 4, 3072) == [range(0, 3), range(3, 4)]  # 1 byte still costs 512 + 512
+    assert shards.plan_shards([513] * 3, 3072) == [range(0, 2), range(2, 3)]  # 513 bytes: two data blocks
 
 
 def test_an_index_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
@@ -360,10 +366,16 @@ def test_an_index_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
     monkeypatch.setattr(shards.os, "fsync", fsync)
     monkeypatch.setattr(shards.os, "replace", replace)
     target = tmp_path / "index.json"
+    fds = len(os.listdir("/proc/self/fd"))
     shards._atomic_write(target, b"{}")
     partial = str(target) + ".partial"
     assert events == [("fsync", partial), ("replace", partial, str(target)), ("fsync", str(tmp_path))]
     assert target.read_bytes() == b"{}"
+    assert len(os.listdir("/proc/self/fd")) == fds  # the file and the directory are closed again
+    sizes = []  # what the disk holds when fsync is asked: all of it, not a part still in a buffer
+    monkeypatch.setattr(shards.os, "fsync", lambda fd: (sizes.append(os.fstat(fd).st_size), real_fsync(fd)))
+    shards._atomic_write(target, b'{"a": 1}')
+    assert sizes[0] == 8 and target.read_bytes() == b'{"a": 1}'
 
 
 def test_staging_says_how_long_it_waited_for_another_process(written, tmp_path):
@@ -535,3 +547,377 @@ def test_the_default_stage_dir_is_slurms_local_folder_or_tmp_named_by_user_or_ui
     monkeypatch.delenv("SLURM_TMPDIR")
     monkeypatch.delenv("USER")
     assert shards.default_stage_dir() == Path(f"/tmp/mbv3-shards-{os.getuid()}")
+
+
+# ----------------------------------------------------------------------------- hand-made sets and roots
+
+
+def _hand_made_set(split: Path, shard_blobs: list[list[bytes]], classes: list[str] | None = None,
+                   labels: list[int] | None = None) -> dict:
+    """A shard set written here from docs/shards.md's index format, not by the writer: shard k holds its
+    samples' bytes back to back (the reader goes by the index's byte ranges, it does not parse the tar), sample
+    names s<k>_<j>.bin; kind "imagefolder" with classes and labels, else "files" with image ids 0, 1, ..."""
+    split.mkdir(parents=True, exist_ok=True)
+    entries, samples = [], {"name": [], "shard": [], "offset": [], "length": []}
+    for k, blobs in enumerate(shard_blobs):
+        data = b"".join(blobs)
+        (split / f"shard-{k:05d}.tar").write_bytes(data)
+        entries.append({"file": f"shard-{k:05d}.tar", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "samples": len(blobs)})
+        pos = 0
+        for j, blob in enumerate(blobs):
+            for key, value in (("name", f"s{k}_{j}.bin"), ("shard", k), ("offset", pos), ("length", len(blob))):
+                samples[key].append(value)
+            pos += len(blob)
+    if classes is None:
+        samples["image_id"] = list(range(len(samples["name"])))
+    else:
+        samples["label"] = labels
+    doc = {"format": "mbv3-shards", "version": 1, "kind": "files" if classes is None else "imagefolder",
+           "classes": classes, "shards": entries, "samples": samples}
+    (split / "index.json").write_text(json.dumps(doc))
+    return doc
+
+
+def _hand_made_root(root: Path, files: dict[str, bytes | int]) -> Path:
+    """A shard root's manifest.json as docs/shards.md describes it (path, bytes, SHA-256 per file); a value
+    that is a number is a size listed in the manifest for a file that is not written."""
+    listed = []
+    for rel, data in files.items():
+        if isinstance(data, int):
+            listed.append({"path": rel, "bytes": data, "sha256": "0" * 64})
+            continue
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        listed.append({"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"format": "mbv3-shards", "version": 1, "splits": [],
+                                                    "files": listed}))
+    return root
+
+
+def test_an_index_in_the_documented_format_is_read_with_ranges_from_byte_0_to_the_shards_end(tmp_path):
+    """Byte ranges at the edges are valid: a sample at offset 0, an empty sample, a sample ending on the
+    shard's last byte; an empty set opens with no samples; a COCO-style set ("files") has image ids and no
+    labels."""
+    split = tmp_path / "val"
+    _hand_made_set(split, [[b"abc", b"", b"defgh"], [b"ij"]], classes=["a", "b"], labels=[0, 1, 1, 0])
+    src = shards.ShardSource(split, "imagefolder")
+    assert [src.read(i) for i in range(len(src))] == [b"abc", b"", b"defgh", b"ij"]
+    assert src.names == ["s0_0.bin", "s0_1.bin", "s0_2.bin", "s1_0.bin"] and src.labels.tolist() == [0, 1, 1, 0]
+    assert src.classes == ["a", "b"] and src.image_ids is None
+    _hand_made_set(tmp_path / "files", [[b"x", b"yz"]])
+    coco = shards.ShardSource(tmp_path / "files", "files")
+    assert coco.image_ids.tolist() == [0, 1] and coco.labels is None and coco.read(1) == b"yz"
+    for kind, classes in (("imagefolder", ["a"]), ("files", None)):
+        _hand_made_set(tmp_path / f"empty_{kind}", [], classes=classes, labels=[])
+        assert len(shards.ShardSource(tmp_path / f"empty_{kind}", kind)) == 0
+
+
+def test_every_kind_of_damaged_index_is_named_with_what_is_wrong(tmp_path):
+    split = tmp_path / "val"
+    good = _hand_made_set(split, [[b"abc", b"", b"defgh"], [b"ij"]], classes=["a", "b"], labels=[0, 1, 1, 0])
+    path = split / "index.json"
+
+    def damaged(**samples) -> str:
+        path.write_text(json.dumps({**good, "samples": {**good["samples"], **samples}}))
+        return _message(lambda: shards.load_index(split))
+
+    nowhere = f"{path}: damaged shard index: a sample refers to a shard it does not list"
+    assert damaged(shard=[0, 0, 0, 2]) == nowhere  # 2 shards: 0 and 1
+    assert damaged(shard=[-1, 0, 0, 1]) == nowhere
+    assert damaged(offset=[0, 3, 3, -1]) == (
+        f"{path}: damaged shard index: sample s1_0.bin at offset -1, 2 bytes, lies outside shard-00001.tar (2 bytes)")
+    assert damaged(length=[3, -1, 5, 2]) == (
+        f"{path}: damaged shard index: sample s0_1.bin at offset 3, -1 bytes, lies outside shard-00000.tar (8 bytes)")
+    assert damaged(offset=[0, 3, 4, 1]) == (  # two samples past their shard's end: the first is named
+        f"{path}: damaged shard index: sample s0_2.bin at offset 4, 5 bytes, lies outside shard-00000.tar (8 bytes)")
+    assert damaged(label=[0, 1, 2, 0]) == f"{path}: damaged shard index: labels outside its 2 classes"
+    assert damaged(label=[0, -1, 1, 0]) == f"{path}: damaged shard index: labels outside its 2 classes"
+    assert damaged(label=[0, 1, 1]) == f"{path}: damaged shard index: its sample lists have different lengths"
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "shards"}))
+    assert _message(lambda: shards.load_index(split)) == (
+        f"{path}: damaged shard index (missing or mistyped 'shards'); rewrite the set with tools/make_shards.py")
+    for doc, found in (({**good, "format": "webdataset"}, "'webdataset'"), ([good], "None")):
+        path.write_text(json.dumps(doc))
+        assert _message(lambda: shards.load_index(split)) == (
+            f"{path}: not a shard index of format 'mbv3-shards' version 1 (found format {found})")
+    path.write_bytes(b"{")
+    with pytest.raises(ValueError) as exc:  # the JSON parser's own words
+        json.loads(b"{")
+    assert _message(lambda: shards.load_index(split)) == (
+        f"{path}: unreadable shard index ({exc.value}); expected the JSON tools/make_shards.py writes")
+
+
+def test_a_reader_names_an_absent_set_a_grown_shard_and_a_set_of_the_other_kind(tmp_path):
+    assert _message(lambda: shards.ShardSource(tmp_path / "val2017", "files")) == (
+        f"{tmp_path / 'val2017'}: shard set not found (data.format shards expects data.root/val2017/ as "
+        "tools/make_shards.py writes it)")
+    _hand_made_set(tmp_path / "val2017", [[b"abc"]])
+    assert _message(lambda: shards.ShardSource(tmp_path / "val2017", "imagefolder")) == (
+        f"{tmp_path / 'val2017/index.json'}: a shard set of kind 'files'; this dataset needs 'imagefolder' "
+        "(an ImageFolder split)")
+    shard = tmp_path / "val2017/shard-00000.tar"
+    shard.write_bytes(b"abcd")
+    assert _message(lambda: shards.ShardSource(tmp_path / "val2017", "files")) == (
+        f"{shard}: shard longer than its index says: 4 bytes, but {tmp_path / 'val2017/index.json'} says 3; the "
+        "shard and its index do not match (copy the set again, or rewrite it)")
+
+
+def test_a_split_is_read_as_shards_or_as_a_folder_as_data_format_says(folder, written):
+    assert shards.open_split(folder / "val", "folder", "imagefolder") is None  # the folder's own files
+    src = shards.open_split(written / "val", "shards", "imagefolder")
+    assert src.names == sorted(str(p.relative_to(folder / "val")) for p in (folder / "val").rglob("*.jpg"))
+    assert _message(lambda: shards.open_split(written / "val", "folder", "imagefolder")) == (
+        f"{written / 'val'}: a shard set (it holds index.json), read as a folder of images; set data.format=shards")
+
+
+def test_a_sample_opened_by_name_reads_and_seeks_like_the_file_itself(folder, written):
+    """engine.datacheck reads headers and ends of val images through ShardSource.open: the member must behave
+    as the original file opened with open() (buffered) and io.FileIO (raw), offsets counted from the sample."""
+    src = shards.ShardSource(written / "val", "imagefolder")
+    i = 1
+    original = folder / "val" / src.names[i]
+    size = original.stat().st_size
+    ops = [("read", 3), ("tell",), ("seek", 10, 0), ("read", 5), ("seek", 700, 1), ("read", 4), ("seek", -6, 2),
+           ("read", -1), ("read", 10), ("tell",), ("seek", 0, 0), ("read", -1)]
+    with src.open(src.name(i)) as member, open(original, "rb") as ref:
+        assert [getattr(member, op)(*args) for op, *args in ops] == [getattr(ref, op)(*args) for op, *args in ops]
+    raw_ops = [("seek", 5), ("read", 4), ("tell",), ("seek", 3, 1), ("read", 2), ("seek", -3, 2), ("read", 10),
+               ("read", 10), ("seek", size + 50), ("read", 4), ("seek", 0), ("read", 6), ("readable",), ("seekable",)]
+    raw = src.open(src.name(i)).raw
+    with io.FileIO(original) as ref:
+        assert [getattr(raw, op)(*args) for op, *args in raw_ops] == [getattr(ref, op)(*args) for op, *args in raw_ops]
+
+
+def test_a_reader_closes_the_least_recently_used_shard_not_the_first_opened(written, monkeypatch):
+    src = shards.ShardSource(written / "train", "imagefolder")
+    first = [src._shard.tolist().index(k) for k in range(3)]  # a sample of each of shards 0, 1, 2
+    monkeypatch.setattr(shards, "MAX_OPEN", 2)
+    for k in (0, 1, 0):
+        src.read(first[k])
+    fd1 = src._fds[1]
+    src.read(first[2])  # shard 1 is the least recently used when shard 2 opens
+    assert list(src._fds) == [0, 2]
+    assert [os.path.realpath(f"/proc/self/fd/{fd}") for fd in src._fds.values()] == [
+        os.path.realpath(src.files[k]) for k in (0, 2)]
+    assert os.path.realpath(f"/proc/self/fd/{fd1}") != os.path.realpath(src.files[1])  # closed, not leaked
+
+
+def test_a_reader_keeps_256_shards_open_at_most(tmp_path):
+    """The documented bound (a few hundred shards; ImageNet's ~150 all stay open): a set of 257 shards read in
+    order holds the 256 most recent ones."""
+    _hand_made_set(tmp_path / "val2017", [[bytes([k % 256])] for k in range(257)])
+    src = shards.ShardSource(tmp_path / "val2017", "files")
+    assert [src.read(i) for i in range(257)] == [bytes([k % 256]) for k in range(257)]
+    assert sorted(src._fds) == list(range(1, 257))
+    held = [fd for fd in os.listdir("/proc/self/fd")
+            if os.path.realpath(f"/proc/self/fd/{fd}").startswith(os.path.realpath(tmp_path / "val2017"))]
+    assert len(held) == 256
+    for fd in src._fds.values():
+        os.close(fd)
+
+
+def _sources(tmp_path: Path, n: int, size: int = 1000) -> tuple[list[str], list[str]]:
+    """n source files of `size` bytes (1000: a 512-byte tar header + 1024 padded, one per shard of 1536 bytes)."""
+    (tmp_path / "src").mkdir()
+    files = []
+    for k in range(n):
+        (tmp_path / "src" / f"{k}.bin").write_bytes(bytes([k + 1]) * size)
+        files.append(str(tmp_path / "src" / f"{k}.bin"))
+    return [f"c/{k}.bin" for k in range(n)], files
+
+
+def test_shards_are_pax_tars_of_mode_0644_and_mtime_0_and_a_resumed_writer_keeps_them_and_clears_leftovers(
+        tmp_path):
+    """docs/shards.md's layout: members named as in the folder, mtime 0, mode 0644, read back by tarfile. A
+    writer killed before its index: the rerun keeps the finished shards (and says so), and removes the
+    temporary files it left, including one of a shard the new plan does not have."""
+    names, files = _sources(tmp_path, 2)
+    out = tmp_path / "set" / "train"
+    shards.write_set(out, names, files, [0, 0], ["c"], shard_bytes=1536, log=lambda m: None)
+    for k in range(2):
+        path = out / f"shard-{k:05d}.tar"
+        assert path.stat().st_size == 10240  # one member (512 + 1024), the end blocks, padded to a tar record
+        with tarfile.open(path) as tar:
+            [m] = tar.getmembers()
+            assert (m.name, m.size, m.mode, m.mtime, m.isfile()) == (names[k], 1000, 0o644, 0, True)
+            assert tar.extractfile(m).read() == bytes([k + 1]) * 1000
+    (out / "index.json").unlink()
+    (out / "shard-00007.tar.partial").write_bytes(b"half")
+    (out / "index.json.partial").write_bytes(b"{")
+    inodes = [(out / f"shard-{k:05d}.tar").stat().st_ino for k in range(2)]
+    logs = []
+    shards.write_set(out, names, files, [0, 0], ["c"], shard_bytes=1536, log=logs.append)
+    assert logs[:2] == [f"{out / 'shard-00000.tar'}: written by an earlier run, checked, kept",
+                        f"{out / 'shard-00001.tar'}: written by an earlier run, checked, kept"]
+    assert logs[2].startswith(f"{out}: 2/2 shards, 2 samples, ") and len(logs) == 3
+    assert [(out / f"shard-{k:05d}.tar").stat().st_ino for k in range(2)] == inodes
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-00000.tar", "shard-00001.tar"]
+
+
+def test_shards_and_staged_files_reach_the_disk_whole_before_their_names_do(tmp_path, monkeypatch):
+    """Each shard is fsynced complete under its temporary name, then renamed; so is each file staged, then
+    the stamp. (A power cut leaves a temporary file, redone, never a short file under a final name.) A sample
+    of 8704 bytes (17 blocks) fills a tar record exactly with its header and the two end blocks: 10240 bytes."""
+    names, files = _sources(tmp_path, 2, size=8704)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", path, None if os.path.isdir(path) else os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(shards.os, "fsync", fsync)
+    monkeypatch.setattr(shards.os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))),
+                                                             real_replace(a, b)))
+    out = tmp_path / "set" / "train"
+    shards.write_set(out, names, files, [0, 0], ["c"], shard_bytes=9216, log=lambda m: None)
+    p0, p1, index = (str(out / n) for n in ("shard-00000.tar", "shard-00001.tar", "index.json"))
+    assert events == [("fsync", p0 + ".partial", 10240), ("replace", p0 + ".partial", p0),
+                      ("fsync", p1 + ".partial", 10240), ("replace", p1 + ".partial", p1),
+                      ("fsync", index + ".partial", (out / "index.json").stat().st_size),
+                      ("replace", index + ".partial", index), ("fsync", str(out), None)]
+    root = _hand_made_root(tmp_path / "root", {"a.bin": b"a" * 3000, "b/c.bin": b"c" * 5})
+    events.clear()
+    dest = shards.stage(root, tmp_path / "local", log=lambda m: None)
+    a, c, stamp = str(dest / "a.bin"), str(dest / "b/c.bin"), str(dest / ".staged.json")
+    assert events == [("fsync", a + ".partial", 3000), ("replace", a + ".partial", a),
+                      ("fsync", c + ".partial", 5), ("replace", c + ".partial", c),
+                      ("fsync", stamp + ".partial", (dest / ".staged.json").stat().st_size),
+                      ("replace", stamp + ".partial", stamp), ("fsync", str(dest), None)]
+
+
+def test_a_shard_that_reads_back_other_than_written_is_refused(tmp_path, monkeypatch):
+    """The read-back check: the disk returns other bytes than the writer wrote (here changed under the file
+    system's feet right at fsync): one byte of a sample flipped (same size, other SHA-256), or the shard
+    cut short."""
+    names, files = _sources(tmp_path, 1)
+    out = tmp_path / "set" / "train"
+    real_fsync = os.fsync
+    for damage in (lambda fd: os.pwrite(fd, b"\xff", 600), lambda fd: os.ftruncate(fd, 9728)):
+        monkeypatch.setattr(shards.os, "fsync", lambda fd, damage=damage: (damage(fd), real_fsync(fd)))
+        tmp = out / "shard-00000.tar.partial"
+        assert _message(lambda: shards.write_set(out, names, files, [0], ["c"], shard_bytes=1536,
+                                                 log=lambda m: None)) == (
+            f"{tmp}: the shard read back differs from what was written (size or SHA-256): the disk or file system "
+            "lost data; run the writer again")
+        assert not (out / "shard-00000.tar").exists() and not (out / "index.json").exists()
+
+
+def test_the_default_shard_size_is_1_gib(monkeypatch):
+    """docs/shards.md: `--shard-size` (default `1GB`), 1 GB in the tool's units being 2**30 bytes."""
+    seen = []
+    monkeypatch.setattr(make_shards, "write", lambda src, out, shard_bytes: seen.append(shard_bytes))
+    assert make_shards.main(["src", "out"]) == 0
+    assert seen == [make_shards.parse_size("1GB")] == [1 << 30]
+
+
+# ----------------------------------------------------------------------------- staging: errors and re-checks
+
+
+def test_a_staging_folder_removed_during_the_copy_is_named_not_blamed_on_the_source(written, tmp_path,
+                                                                                     monkeypatch):
+    """Someone removes the staging folder while a file is copied: the copy cannot be written there. That is
+    the destination's problem, said as such; the source set is complete and must not be called incomplete."""
+    real = shards._copy_checked
+    local = tmp_path / "local"
+    dest = local / written.name
+
+    def removed_first(src, dst, size, digest):
+        shutil.rmtree(dst.parent)
+        return real(src, dst, size, digest)
+
+    monkeypatch.setattr(shards, "_copy_checked", removed_first)
+    rel = json.loads((written / "manifest.json").read_text())["files"][0]["path"]
+    assert _message(lambda: shards.stage(written, local, log=lambda m: None)) == (
+        f"{dest / rel}: cannot stage (No such file or directory)")
+    assert not (dest / ".staged.json").exists()
+
+
+def test_a_failed_write_while_staging_leaves_no_temporary_file_and_no_stamp(written, tmp_path, monkeypatch):
+    """A disk error (EIO) while a file is copied, and a full disk (ENOSPC) while the stamp itself is written
+    (the last step, everything copied): each one message, no temporary file, nothing marked complete."""
+    real_fsync = os.fsync
+    local = tmp_path / "local"
+    dest = local / written.name
+
+    def failing(suffix, err):
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(suffix):
+                raise OSError(err, os.strerror(err))
+            real_fsync(fd)
+        return fsync
+
+    rel = json.loads((written / "manifest.json").read_text())["files"][0]["path"]
+    monkeypatch.setattr(shards.os, "fsync", failing(".tar.partial", errno.EIO))
+    assert _message(lambda: shards.stage(written, local, log=lambda m: None)) == (
+        f"{dest / rel}: cannot stage (Input/output error)")
+    assert not list(dest.rglob("*.partial")) and not (dest / ".staged.json").exists()
+    monkeypatch.setattr(shards.os, "fsync", failing(".staged.json.partial", errno.ENOSPC))
+    need = sum(f["bytes"] for f in json.loads((written / "manifest.json").read_text())["files"])
+    assert need < 5e6  # so both amounts read 0.00 GB
+    assert _message(lambda: shards.stage(written, local, log=lambda m: None)) == (
+        f"{dest}: no space left on device while staging manifest.json (0.00 GB of 0.00 GB copied); the staged set "
+        "is not marked complete; free space there or stage elsewhere (--dest / STAGE_DATA=PATH)")
+    assert not list(dest.rglob("*.partial")) and not list(dest.glob(".staged.json*"))
+
+
+def test_a_staged_copy_without_its_stamp_or_a_file_is_completed_and_stamped_again(written, tmp_path):
+    """The stamp holds the manifest's SHA-256 and the source; a staged copy missing it (killed after the last
+    file), with the stamp of another manifest, or missing one file, is checked and completed, copying only
+    what is missing; a re-stage that fails leaves the copy unstamped."""
+    src = copy_set(written, tmp_path / "set").resolve()
+    manifest = json.loads((src / "manifest.json").read_text())
+    n = len(manifest["files"])
+    local = tmp_path / "local"
+    logs = []
+    dest = shards.stage(src, local, log=logs.append)
+    stamp = dest / ".staged.json"
+    want = {"manifest_sha256": hashlib.sha256((src / "manifest.json").read_bytes()).hexdigest(), "source": str(src)}
+    assert json.loads(stamp.read_text()) == want
+    for damage in (stamp.unlink, lambda: stamp.write_text(json.dumps({**want, "manifest_sha256": "0" * 64}))):
+        damage()
+        logs.clear()
+        shards.stage(src, local, log=logs.append)
+        assert logs[0].startswith(f"stage: copied 0 of {n} files (0.00 GB) of {src} to {dest} in ")
+        assert json.loads(stamp.read_text()) == want
+    rel = manifest["files"][0]["path"]
+    (dest / rel).unlink()
+    logs.clear()
+    shards.stage(src, local, log=logs.append)
+    assert logs[0].startswith(f"stage: copied 1 of {n} files (0.00 GB) of {src} to {dest} in ")
+    assert (dest / rel).read_bytes() == (src / rel).read_bytes() and json.loads(stamp.read_text()) == want
+    (dest / rel).unlink()
+    data = (src / rel).read_bytes()
+    (src / rel).write_bytes(data[:700] + bytes([data[700] ^ 0xFF]) + data[701:])  # the source damaged since
+    assert _message(lambda: shards.stage(src, local, log=lambda m: None)).startswith(f"{src / rel}: corrupted (")
+    assert not stamp.exists()
+
+
+def test_staging_checks_the_space_in_gb_before_copying_and_reports_what_it_copied(tmp_path, monkeypatch):
+    """A set of 2,345,678,901 bytes (listed, not written): 2.35 GB to copy; 1 GB free is refused before any
+    copy, exactly enough is not (the copy then finds the file missing). A copy of 4,999,999 bytes is
+    reported as 0.00 GB; a file two folders down is staged at its place."""
+    big = _hand_made_root(tmp_path / "big", {"train/shard-00000.tar": 2_345_678_901}).resolve()
+    local = tmp_path / "local"
+    for free in (1_000_000_000, 2_345_678_901):
+        monkeypatch.setattr(shards.shutil, "disk_usage", lambda p, free=free: shutil._ntuple_diskusage(
+            1 << 42, (1 << 42) - free, free))
+        msg = _message(lambda: shards.stage(big, local, log=lambda m: None))
+        if free < 2_345_678_901:
+            assert msg == (f"{local / 'big'}: not enough space to stage {big}: 2.35 GB to copy, 1.00 GB free on that "
+                           "disk; free space there or stage elsewhere (--dest / STAGE_DATA=PATH)")
+        else:
+            assert msg == (f"{big / 'train/shard-00000.tar'}: missing (listed in {big / 'manifest.json'}); the shard "
+                           "set is incomplete: rewrite it with tools/make_shards.py")
+    monkeypatch.undo()
+    data = os.urandom(4_999_999)
+    root = _hand_made_root(tmp_path / "root", {"train/deep/a.bin": data}).resolve()
+    logs = []
+    dest = shards.stage(root, local, log=logs.append)
+    [line] = logs
+    assert line.startswith(f"stage: copied 1 of 1 files (0.00 GB) of {root} to {dest} in ")
+    assert line.endswith(" s, SHA-256 checked")
+    assert (dest / "train/deep/a.bin").read_bytes() == data
