@@ -44,6 +44,10 @@ def test_model_output_becomes_xywh_rows_in_the_model_s_order():
            "scores": torch.tensor([0.75, 0.25]), "labels": torch.tensor([3, 18])}
     assert detection_rows(5, out).tolist() == [[5, 10.0, 20.0, 30.0, 40.0, 0.75, 3],
                                               [5, 0.5, 1.5, 2.0, 3.0, 0.25, 18]]
+    # another image of as many boxes (its rows may reuse the memory of the first's): its own scores
+    out = {"boxes": torch.tensor([[1.0, 2.0, 4.0, 8.0], [3.0, 3.0, 4.0, 5.0]]),
+           "scores": torch.tensor([0.5, 0.125]), "labels": torch.tensor([1, 90])}
+    assert detection_rows(6, out).tolist() == [[6, 1.0, 2.0, 3.0, 6.0, 0.5, 1], [6, 3.0, 3.0, 1.0, 2.0, 0.125, 90]]
 
 
 def test_rows_of_every_rank_are_gathered_on_rank_0_sorted_stably_by_image(monkeypatch):
@@ -306,3 +310,169 @@ def test_the_eval_loader_gives_each_image_once_across_ranks_one_per_batch(tmp_pa
     assert [t["image_id"] for _, (t,) in make_eval_loader(ds, 0, 1, 0, False)] == [2, 4, 6, 9, 11]
     loader = make_eval_loader(ds, 0, 1, workers=1, pin_memory=True)  # built, not iterated: no worker starts
     assert loader.persistent_workers is True and loader.num_workers == 1 and loader.pin_memory is True
+
+
+def _instances(tmp_path, images, annotations):
+    """An instances file with category 1; images: [(id, w, h)], annotations: [(id, image_id, bbox)]."""
+    import json
+
+    doc = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": w, "height": h} for i, w, h in images],
+           "categories": [{"id": 1, "name": "person"}],
+           "annotations": [{"id": n, "image_id": i, "category_id": 1, "bbox": b} for n, i, b in annotations]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _refusal(path, **kw):
+    import pytest
+
+    from data.detection import read_annotations
+    from engine.errors import DataError
+
+    with pytest.raises(DataError) as err:
+        read_annotations(path, **kw)
+    return str(err.value)
+
+
+def test_every_bad_annotation_is_named_up_to_five_and_the_rest_counted(tmp_path):
+    """Annotations on unlisted images and boxes outside their image are each one problem, and the check goes
+    on after each (a file with two of a kind names both). Five problems are shown whole; from six on, the
+    first five and "... and N more"."""
+    box = [1, 1, 5, 5]
+    path = _instances(tmp_path, [(7, 100, 80)], [(1, 7, box), (2, 3, box), (3, 4, box)])
+    assert _refusal(path) == (f"{path}: 2 bad annotations:\n"
+                              "  annotation 2 refers to image 3, which 'images' does not list\n"
+                              "  annotation 3 refers to image 4, which 'images' does not list")
+    outside = [(n, 7, [90.0 + n, 1.0, 20.0, 5.0]) for n in range(1, 8)]  # 11 px past the right edge and more
+    lines = [f"  annotation {n}: bbox [x, y, w, h] = {b} lies outside its image 7 (100 x 80 px) by more than "
+             "data.box_margin 1 px" for n, _, b in outside]
+    path = _instances(tmp_path, [(7, 100, 80)], [(0, 7, [1, 1, 5, 5])] + outside[:2])
+    assert _refusal(path) == f"{path}: 2 bad annotations:\n" + "\n".join(lines[:2])
+    path = _instances(tmp_path, [(7, 100, 80)], outside[:5])
+    assert _refusal(path) == f"{path}: 5 bad annotations:\n" + "\n".join(lines[:5])
+    path = _instances(tmp_path, [(7, 100, 80)], outside[:6])
+    assert _refusal(path) == f"{path}: 6 bad annotations:\n" + "\n".join(lines[:5]) + "\n  ... and 1 more"
+    path = _instances(tmp_path, [(7, 100, 80)], outside)
+    assert _refusal(path) == f"{path}: 7 bad annotations:\n" + "\n".join(lines[:5]) + "\n  ... and 2 more"
+
+
+def test_images_listed_twice_are_named_the_first_ten_of_them(tmp_path):
+    ids = list(range(1, 13))  # twelve ids, each listed twice: the message names 1 to 10
+    path = _instances(tmp_path, [(i, 10, 10) for i in ids + ids], [])
+    assert _refusal(path) == (f"{path}: 'images' lists image ids 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 more than "
+                              "once (each image must be listed once)")
+    path = _instances(tmp_path, [(4, 10, 10), (2, 10, 10), (4, 10, 10)], [])
+    assert _refusal(path) == (f"{path}: 'images' lists image id 4 more than once (each image must be listed "
+                              "once)")
+
+
+def _tree(root, boxes, split="train", crowd=0, files=("a.jpg",)):
+    """data.root with one 100 x 80 image a.jpg (an empty file: nothing here decodes it) whose annotations
+    have the given boxes (all crowd, or none), and the image files `files` in the folder."""
+    import json
+
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / f"{split}2017").mkdir(exist_ok=True)
+    for name in files:
+        (root / f"{split}2017" / name).write_bytes(b"")
+    doc = {"images": [{"id": 7, "file_name": "a.jpg", "height": 80, "width": 100},
+                      {"id": 8, "file_name": "b.jpg", "height": 80, "width": 100},
+                      {"id": 9, "file_name": "c.jpg", "height": 80, "width": 100}][:max(len(files), 1)],
+           "categories": [{"id": 1, "name": "person"}],
+           "annotations": [{"id": n, "image_id": 7, "category_id": 1, "bbox": b, "iscrowd": crowd}
+                           for n, b in enumerate(boxes, 1)]}
+    path = root / "annotations" / f"instances_{split}2017.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_the_dataset_clamps_boxes_1_px_out_by_default_and_refuses_more(tmp_path):
+    """CocoDetection without a box_margin allows what data.box_margin's default does: 1 px."""
+    import pytest
+
+    from data.detection import CocoDetection
+    from engine.errors import DataError
+
+    _tree(tmp_path / "a", [[-1, 10, 20, 20]])
+    ds = CocoDetection(tmp_path / "a", "train", train=True, hflip=0.0, seed=0)
+    assert ds.ann.boxes[0].tolist() == [[0, 10, 19, 30]]
+    path = _tree(tmp_path / "b", [[10, 10, 20, 71.25]])  # 1.25 px past the bottom edge
+    with pytest.raises(DataError) as err:
+        CocoDetection(tmp_path / "b", "train", train=True, hflip=0.0, seed=0)
+    assert str(err.value) == (f"{path}: 1 bad annotation:\n  annotation 1: bbox [x, y, w, h] = [10.0, 10.0, "
+                              "20.0, 71.25] lies outside its image 7 (100 x 80 px) by more than "
+                              "data.box_margin 1 px")
+
+
+def test_images_the_folder_lacks_are_counted_in_words_naming_the_first(tmp_path):
+    import pytest
+
+    from data.detection import CocoDetection
+    from engine.errors import DataError
+
+    path = _tree(tmp_path, [[1, 1, 5, 5]], files=("a.jpg", "b.jpg", "c.jpg"))
+    for name in ("b.jpg", "c.jpg"):
+        (tmp_path / "train2017" / name).unlink()
+    with pytest.raises(DataError) as err:
+        CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=0)
+    assert str(err.value) == (f"{path}: lists 2 images that {tmp_path / 'train2017'} does not have, "
+                              f"e.g. {tmp_path / 'train2017' / 'b.jpg'}")
+
+
+def test_a_validation_set_of_crowd_boxes_only_is_refused_a_training_set_is_not(tmp_path):
+    """COCOeval has nothing to score without a non-crowd box (its -1, "no data"): validation refuses such a
+    file. Training keeps an image whose only annotation is a crowd region (the reference's filter counts
+    it) and trains on its empty target."""
+    import pytest
+
+    from data.detection import CocoDetection
+    from engine.errors import DataError
+
+    path = _tree(tmp_path, [[1, 1, 5, 5], [10, 10, 20, 20]], split="val", crowd=1)
+    with pytest.raises(DataError) as err:
+        CocoDetection(tmp_path, "val", train=False, hflip=0.0, seed=0)
+    assert str(err.value) == (f"{path}: the validation set has no annotations (no box that is not iscrowd), "
+                              "so its box mAP is undefined; expected the instances file of the validation "
+                              "images with their ground-truth boxes")
+    _tree(tmp_path, [[1, 1, 5, 5], [10, 10, 20, 20]], split="train", crowd=1)
+    train = CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=0)
+    assert len(train) == 1 and train.ann.boxes[0].shape == (0, 4)
+
+
+def test_a_plain_index_is_epoch_0_validation_never_flips_and_the_coin_flips_below_p(tmp_path):
+    """Item i is item (0, i); the flip is a training augmentation only; and, as torchvision's
+    RandomHorizontalFlip (`torch.rand(1) < p`), a coin equal to p does not flip."""
+    import torch
+    from PIL import Image
+
+    from data.detection import CocoDetection
+    from engine.seeding import sample_seed
+
+    _tree(tmp_path, [[1, 1, 3, 2]], split="train")
+    _tree(tmp_path, [[1, 1, 3, 2]], split="val")
+    pixels = np.arange(80 * 100 * 3, dtype=np.uint8).reshape(80, 100, 3)
+    for split in ("train", "val"):
+        Image.fromarray(pixels).save(tmp_path / f"{split}2017" / "a.jpg", format="PNG")  # lossless
+    plain = torch.from_numpy(pixels).permute(2, 0, 1)
+
+    def flipped(ds, key):
+        image, target = ds[key]
+        if torch.equal(image, plain):
+            assert target["boxes"].tolist() == [[1, 1, 4, 3]]
+            return False
+        assert torch.equal(image, plain.flip(-1)) and target["boxes"].tolist() == [[96, 1, 99, 3]]
+        return True
+
+    def coin(seed, epoch):  # the documented draw: a generator seeded by sample_seed(seed, epoch, index)
+        return torch.rand(1, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, 0))).item()
+
+    seed = next(s for s in range(100) if (coin(s, 0) < 0.5) != (coin(s, 1) < 0.5))
+    train = CocoDetection(tmp_path, "train", train=True, hflip=0.5, seed=seed)
+    assert flipped(train, 0) == flipped(train, (0, 0)) == (coin(seed, 0) < 0.5) != flipped(train, (1, 0))
+    val = CocoDetection(tmp_path, "val", train=False, hflip=1.0, seed=seed)
+    assert not flipped(val, 0) and not flipped(val, (1, 0))
+    at_p = CocoDetection(tmp_path, "train", train=True, hflip=coin(seed, 0), seed=seed)
+    assert not flipped(at_p, (0, 0))
+    above = CocoDetection(tmp_path, "train", train=True, hflip=coin(seed, 0) + 1e-6, seed=seed)
+    assert flipped(above, (0, 0))

@@ -116,3 +116,14 @@ def test_training_workers_persist_across_epochs_from_one_worker_on(tmp_path):
     ds = CocoDetection(tmp_path, "train", train=True, hflip=0.0, seed=0)
     assert make_train_loader(ds, 2, -1, 0, 1, 0, 1, False).persistent_workers is True
     assert make_train_loader(ds, 2, -1, 0, 1, 0, 0, False).persistent_workers is False
+
+
+def test_a_sampler_never_given_an_epoch_yields_epoch_0_keys_in_epoch_0_order():
+    """Before any set_epoch the batches are epoch 0's: keys (0, i) over DistributedSampler's epoch-0 shard, so
+    item i is augmented as in epoch 0 (the flip's seed takes the key's epoch)."""
+    groups = [0, 1] * 6
+    fresh = GroupedBatchSampler(groups, 12, 2, 0, 1, seed=5)
+    shard = DistributedSampler(range(12), num_replicas=1, rank=0, shuffle=True, seed=5)
+    shard.set_epoch(0)
+    want = ref_grouped_batches(list(shard), groups, 2)
+    assert list(fresh) == [[(0, i) for i in b] for b in want]

@@ -367,3 +367,27 @@ def test_the_crop_window_is_drawn_as_torchvisions_random_crop_draws_it():
             g = torch.Generator().manual_seed(s)
             tf.draw(height, width, g)
             assert torch.equal(torch.rand(1, generator=g), after)  # as many numbers drawn as the reference
+
+
+def test_a_flip_probability_of_0_draws_no_coin_and_a_coin_equal_to_p_does_not_flip():
+    """torchvision's segmentation preset adds RandomHorizontalFlip only when hflip_prob > 0: with 0 the crop
+    window is drawn right after the short side. A coin is a flip when it is below p (`torch.rand(1) < p`):
+    p equal to the drawn coin does not flip."""
+    from torchvision.transforms import RandomCrop
+
+    from data.segmentation import resized_hw
+
+    for s in range(10):
+        torch.manual_seed(s)
+        short = int(torch.randint(48, 97, (1,)))
+        h, w = resized_hw(200, 300, short)
+        padded = torch.empty(1, max(h, 64), max(w, 64))
+        top, left, _, _ = RandomCrop.get_params(padded, (64, 64))
+        assert TrainTransform(64, (48, 96), 0.0).draw(200, 300, torch.Generator().manual_seed(s)) == (
+            short, False, top, left), s
+        g = torch.Generator().manual_seed(s)
+        torch.randint(48, 97, (1,), generator=g)
+        coin = torch.rand(1, generator=g).item()
+        assert TrainTransform(64, (48, 96), coin).draw(200, 300, torch.Generator().manual_seed(s))[1] is False
+        above = TrainTransform(64, (48, 96), coin + 1e-6)
+        assert above.draw(200, 300, torch.Generator().manual_seed(s))[1] is True

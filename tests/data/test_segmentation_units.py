@@ -263,3 +263,106 @@ def test_overlay_blends_the_voc_colour_of_each_class_and_leaves_background_and_i
     assert out[:, 1, 1].tolist() == [int(108 * 0.75 + 192 * 0.25), int(115 * 0.75 + 128 * 0.25),
                                      int(122 * 0.75 + 128 * 0.25)] == [129, 118, 123]
     assert torch.equal(overlay(image, labels), overlay(image, labels, 0.5))  # the default: half and half
+
+
+def test_a_file_without_images_and_annotations_lists_is_refused_naming_it(tmp_path):
+    import json
+
+    import pytest
+
+    from data.segmentation import cache_key, read_annotations
+    from engine.errors import DataError
+
+    path = tmp_path / "instances.json"
+    for doc in ([], {"annotations": []}, {"images": []}, {"images": {}, "annotations": []},
+                {"images": [], "annotations": None}):
+        path.write_text(json.dumps(doc))
+        with pytest.raises(DataError) as err:
+            read_annotations(path)
+        want = f"{path}: not a COCO instances file (expected 'images' and 'annotations' lists)"
+        assert str(err.value) == want, doc
+    path.write_text('{"images": [], "annotations": []}')
+    assert read_annotations(path) == ({"images": [], "annotations": []}, cache_key(path.read_bytes()))
+
+
+def test_every_problem_is_named_up_to_five_and_the_rest_counted(tmp_path):
+    """A non-object annotation does not stop the check of the ones after it. Five problems are shown whole;
+    from six on, the first five and "... and N more"."""
+    path = tmp_path / "instances.json"
+    doc = {"images": [_image(1)], "annotations": ["not an annotation", _ann(2, area="12")]}
+    assert _problems(doc, path) == (f"{path}: 2 problems with its images or annotations:\n"
+                                    "  annotations[0] is not an object\n"
+                                    "  annotation 2 (image 1): area '12' is not a number")
+    bad = [_ann(i, area=None) for i in range(1, 8)]
+    lines = [f"  annotation {i} (image 1): area None is not a number" for i in range(1, 8)]
+    header = f"{path}: {{}} problems with its images or annotations:\n"
+    assert _problems({"images": [_image(1)], "annotations": bad[:5]}, path) == (
+        header.format(5) + "\n".join(lines[:5]))
+    assert _problems({"images": [_image(1)], "annotations": bad[:6]}, path) == (
+        header.format(6) + "\n".join(lines[:5]) + "\n  ... and 1 more")
+    assert _problems({"images": [_image(1)], "annotations": bad}, path) == (
+        header.format(7) + "\n".join(lines[:5]) + "\n  ... and 2 more")
+
+
+def test_a_file_without_voc_annotations_names_the_voc_ids_and_the_first_20_ids_it_has(tmp_path):
+    """The VOC classes' COCO ids in VOC order (torchvision's CAT_LIST without background), and the file's
+    category ids, the first 20 in the order of their text."""
+    import json
+
+    import pytest
+
+    from data.segmentation import CocoVoc
+    from engine.errors import DataError
+
+    ids = [8, 10, 11, 13, 14, 15, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39]  # none is VOC
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "instances_train2017.json"
+    path.write_text(json.dumps({"images": [_image(1)], "annotations": [_ann(i, category_id=c)
+                                                                      for i, c in enumerate(ids, 1)]}))
+    with pytest.raises(DataError) as err:
+        CocoVoc(tmp_path, "train", None, 0, tmp_path / "masks")
+    assert str(err.value) == (
+        f"{path}: no annotation of a VOC category (COCO ids [5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, "
+        "4, 1, 64, 20, 63, 7, 72]); the file's annotations use category ids [10, 11, 13, 14, 15, 22, 23, 24, "
+        "25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39]")
+
+
+def test_the_dataset_records_its_image_count_for_the_next_print_config(tmp_path):
+    """Building the dataset writes the count that cached_image_count reads back: 2 training images of the
+    tree's 4 pass the area filter, and validation keeps all 4."""
+    from data.segmentation import CocoVoc, cached_image_count
+
+    root = _voc_tree(tmp_path / "coco")
+    assert cached_image_count(root, "train", tmp_path / "masks") is None
+    CocoVoc(root, "train", None, 0, tmp_path / "masks")
+    assert cached_image_count(root, "train", tmp_path / "masks") == 2
+
+
+def test_eval_batches_group_equal_resized_sizes_in_order_and_default_to_one_image(tmp_path):
+    """Short side 520: 480 x 640 -> 520 x 693, 640 x 480 and 500 x 375 -> 693 x 520, 481 x 640 -> 520 x 691
+    (torchvision's Resize(int)). Batches keep each size's images in order, sizes in order of first
+    appearance; keys are (0, index). Without rank and world: every image, once. The data section's default
+    eval_batch_size is the reference's batch 1."""
+    from data.segmentation import SizeGroupedBatches
+
+    sizes = [(480, 640), (640, 480), (480, 640), (500, 375), (480, 640), (481, 640)]
+    assert list(SizeGroupedBatches(sizes, 520, 2)) == [[(0, 0), (0, 2)], [(0, 4)], [(0, 1), (0, 3)], [(0, 5)]]
+    assert list(SizeGroupedBatches(sizes, 520, 2, 1, 2)) == [[(0, 1), (0, 3)], [(0, 5)]]
+    one = SizeGroupedBatches(sizes, 520, _data().eval_batch_size)
+    assert list(one) == [[(0, 0)], [(0, 2)], [(0, 4)], [(0, 1)], [(0, 3)], [(0, 5)]] and len(one) == 6
+
+
+def test_nearest_source_indices_are_pils_nearest_resize(tmp_path):
+    """The mask's source rows and columns: what PIL's NEAREST resize (the reference's mask resize) picks, seen
+    on a row whose pixel values are their own indices; a window [start, stop) is that part of it."""
+    import numpy as np
+    from PIL import Image
+
+    from data.segmentation import nearest_index
+
+    for n_in, n_out in ((10, 3), (7, 5), (5, 7), (3, 10), (37, 100), (100, 37), (256, 91), (200, 200),
+                        (1, 4)):
+        row = Image.fromarray(np.arange(n_in, dtype=np.uint8)[None, :])
+        want = np.array(row.resize((n_out, 1), Image.NEAREST))[0].tolist()
+        assert nearest_index(n_in, n_out, 0, n_out).tolist() == want, (n_in, n_out)
+        assert nearest_index(n_in, n_out, 1, n_out - 1).tolist() == want[1:-1], (n_in, n_out)
