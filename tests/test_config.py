@@ -169,6 +169,20 @@ def test_a_key_given_twice_is_refused_naming_file_key_and_lines(tmp_path):
         load_config(Cfg, p)
 
 
+def test_yaml_merge_keys_share_a_section_and_a_key_after_the_merge_overrides_it(tmp_path):
+    """`<<: *name` (YAML's merge key) is how one recipe file shares a block between sections: the merged keys
+    are not 'given twice' when the section sets one of them again, and the section's own value wins."""
+    p = tmp_path / "r.yaml"
+    p.write_text("optimizer:\n  <<: &sgd {name: sgd, lr: 0.1, weight_decay: 0.5}\n  lr: 0.2\n"
+                 "run: {output_dir: x, seed: 0}\n")
+    cfg = load_config(Cfg, p)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("sgd", 0.2, 0.5)
+    p.write_text("optimizer:\n  <<: {name: sgd, lr: 0.1, weight_decay: 0.5}\n  lr: 0.2\n  lr: 0.3\n"
+                 "run: {output_dir: x, seed: 0}\n")
+    with pytest.raises(ConfigError, match="line 4: key 'lr' is given twice"):
+        load_config(Cfg, p)
+
+
 @pytest.mark.parametrize("what", ["directory", "binary"])
 def test_a_recipe_that_is_a_directory_or_binary_is_one_message(tmp_path, what):
     path = tmp_path / "recipe"
