@@ -102,9 +102,8 @@ class ClassificationDataConfig:
             if not (0 < lo_v <= hi_v and (hi is None or hi_v <= hi)):
                 bound = f"0 < min <= max <= {hi}" if hi else "0 < min <= max"
                 yield name, f"expected [min, max] with {bound}, got {list(getattr(self, name))}"
-        for name in ("mean", "std"):
-            if name == "std" and any(v <= 0 for v in self.std):
-                yield "std", f"expected positive values, got {list(self.std)}"
+        if any(v <= 0 for v in self.std):
+            yield "std", f"expected positive values, got {list(self.std)}"
 
 
 # ----------------------------------------------------------------------------- dataset

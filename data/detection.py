@@ -398,7 +398,7 @@ def bbox_metrics(stats: Sequence[float]) -> dict:
     defined = [None if v < 0 else float(v) for v in stats]
     percent = [None if v is None else 100.0 * v for v in defined]
     return {"bbox_map": percent[0], "bbox_stats": defined,
-            **{f"bbox_{k}": v for k, v in zip(STAT_NAMES[1:6], percent[1:6])}}
+            **{f"bbox_{k}": v for k, v in zip(STAT_NAMES[1:6], percent[1:])}}
 
 
 def _quiet(*args, **kwargs) -> None:

@@ -41,6 +41,6 @@ def segmentation_scores(mat: torch.Tensor) -> dict:
     total = h.sum()
     return {
         "miou": 100.0 * iou[present].mean().item() if present.any() else float("nan"),
-        "pixel_acc": 100.0 * (diag.sum() / total).item() if total > 0 else float("nan"),
+        "pixel_acc": 100.0 * (diag.sum() / total).item(),  # 0 / 0: nan, as for an empty matrix's mIoU
         "iou": [100.0 * v if p else None for v, p in zip(iou.tolist(), present.tolist())],
     }

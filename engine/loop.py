@@ -158,10 +158,10 @@ class EpochBatches(Sampler):
             raise ValueError("EpochBatches takes a sampler and batch_size, or a batch_sampler")
         self.inner = batch_sampler if batch_sampler is not None else BatchSampler(sampler, batch_size, False)
         self.sampler = sampler if sampler is not None else getattr(batch_sampler, "sampler", None)
-        self.epoch, self.skip = 0, 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+        self.skip = skip
         for obj in {id(o): o for o in (self.inner, self.sampler) if o is not None}.values():
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
