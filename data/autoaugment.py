@@ -108,7 +108,7 @@ def autocontrast(img: Image.Image) -> Image.Image:
     ix = np.arange(256, dtype=np.float64)
     for h in _histograms(img):
         present = np.flatnonzero(h)
-        lo, hi = (int(present[0]), int(present[-1])) if len(present) else (255, 0)
+        lo, hi = int(present[0]), int(present[-1])  # an image has a pixel: every histogram has a bin set
         if hi <= lo:
             luts.append(np.arange(256, dtype=np.int64))
         else:

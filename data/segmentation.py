@@ -338,9 +338,9 @@ class TrainTransform:
         rows = (top, min(top + S, h))
         cols = (left, min(left + S, w))  # in the (flipped) resized image
         src_cols = (w - cols[1], w - cols[0]) if flip else cols  # the same columns before the flip
-        rh, rw = rows[1] - rows[0], cols[1] - cols[0]
         img_out = torch.zeros((S, S, 3), dtype=torch.uint8)
         crop = resize_image(image, (h, w))[rows[0]:rows[1], src_cols[0]:src_cols[1]]
+        rh, rw = crop.shape[:2]
         img_out[:rh, :rw] = crop.flip(1) if flip else crop
         mask_out = torch.full((S, S), IGNORE_INDEX, dtype=torch.uint8)
         r = nearest_index(H, h, *rows)

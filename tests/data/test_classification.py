@@ -785,3 +785,18 @@ def test_the_val_item_of_a_jpeg_is_pils_decode_as_in_the_reference(photos, monke
     for path in sorted(photos.rglob("*.jpg"))[:3]:
         item = eval_transform(_cfg("unused"))(path.read_bytes(), str(path))
         assert torch.equal(item, _pil_preset(path, 73, 64)), path
+
+
+def test_decoding_shows_no_torchvision_deprecation_warning_even_where_warnings_are_errors(photos):
+    """torchvision 0.29 warns on every decode_image call that its decoders are deprecated; under `-W error`
+    (or pytest, or PYTHONWARNINGS=default) that warning would stop or flood a run. The module silences it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, data.classification as c; x = c.decode(sys.argv[1]); "
+            "print(tuple(x.shape), x.dtype)")
+    path = str(next(Path(photos).rglob("*.jpg")))
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code, path], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+    assert out.stdout.startswith("(3, ") and out.stdout.strip().endswith("torch.uint8")
