@@ -62,10 +62,11 @@ class RunLog:
         return self.dir / "metrics.jsonl"
 
     def truncate_after(self, epoch: int) -> None:
-        """On resume from `epoch`, drop lines of later epochs (written before the checkpoint was)."""
+        """On resume from `epoch`, drop lines of later epochs (written before the checkpoint was); every row
+        has an integer epoch (read_rows checks)."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        keep = [row for row in read_rows(self.metrics_path) if row.get("epoch", -1) <= epoch]
+        keep = [row for row in read_rows(self.metrics_path) if row["epoch"] <= epoch]
         atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def ensure_row(self, row: dict[str, Any]) -> None:
