@@ -237,9 +237,9 @@ _texts: dict[str, str] = {}
 # --------------------------------------------------------------------------- equivalents
 
 
-def load_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str, str], str]:
+def load_equivalents(path: Path | None = None) -> dict[tuple[str, str, str], str]:
     """tools/mutants_equivalents.txt: blocks of four lines (file, original line, mutated line, reason)."""
-    out = {}
+    out, path = {}, path or EQUIVALENTS
     if not path.exists():
         return out
     lines = [ln.rstrip("\n") for ln in path.read_text().splitlines() if not ln.startswith("#")]
