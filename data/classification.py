@@ -311,8 +311,8 @@ class TrainTransform:
         shape_only = torch.empty(()).expand(3, image.shape[0], image.shape[1])  # get_params reads the shape
         top, left, h, w, _ = V1.RandomErasing.get_params(shape_only, scale=self.erase_scale,
                                                          ratio=self.erase_ratio, value=[0])
-        if h == image.shape[0] and w == image.shape[1] and top == 0 and left == 0:
-            return torch.zeros(5, dtype=torch.int32)  # get_params' "no box found": the image is returned as is
+        if h == image.shape[0]:  # get_params' "no box found" (0, 0, H, W): a box it finds is shorter than H
+            return torch.zeros(5, dtype=torch.int32)  # and the image is returned as is
         return torch.tensor([1, top, left, h, w], dtype=torch.int32)
 
 
