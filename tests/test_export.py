@@ -179,8 +179,9 @@ def qat_onnx(qat_run) -> Path:
 def make_detector(recipe: str, overrides: list[str], run_dir: Path):
     """A Faster R-CNN run directory (the recipe, the toy backbone) whose box head scores only class 1, near
     the threshold, so that images give 0, 1 or more detections: the other classes' logits are -30 and the
-    background's 0, and class 1's bias puts box_score_thresh between two images' best proposals, the first
-    such place (from the top) where the 8 images give 0, 1 and more detections. Returns (run dir, the
+    background's 0, and class 1's bias puts box_score_thresh between two of the images' 3 best proposals
+    each, the first such place (from the top) where the 8 images give 0, 1 and more detections. (Between
+    the images' best proposals only, no place gave all three on an AVX2-only CPU at 320 px.) Returns (run dir, the
     PyTorch model, the images, their detection counts)."""
     import train_detection
     from engine.config import load_config
@@ -194,7 +195,7 @@ def make_detector(recipe: str, overrides: list[str], run_dir: Path):
     head = model.roi_heads.box_predictor.cls_score
     thresh = model.roi_heads.score_thresh
     logits = []
-    hook = head.register_forward_hook(lambda module, args, out: logits.append(out[:, 1].max().item()))
+    hook = head.register_forward_hook(lambda module, args, out: logits.extend(out[:, 1].topk(3).values.tolist()))
     with torch.no_grad():
         head.weight.mul_(20.0)
         head.weight[0] = 0.0
@@ -204,7 +205,7 @@ def make_detector(recipe: str, overrides: list[str], run_dir: Path):
         for im in images:
             model([im])
         hook.remove()
-        best = sorted(logits, reverse=True)  # each image's best class-1 logit (background's is 0)
+        best = sorted(set(logits), reverse=True)  # each image's 3 best class-1 logits (background's is 0)
         for hi, lo in zip(best, best[1:]):
             head.bias[1] = math.log(thresh / (1 - thresh)) - (hi + lo) / 2
             counts = [len(model([im])[0]["boxes"]) for im in images]
@@ -323,14 +324,18 @@ def qat_eager(qat_run, toy_data) -> tuple[torch.Tensor, torch.Tensor, nn.Module,
         return x, labels, model, model(x)
 
 
-def test_qat_int8_onnx_is_within_one_point_of_the_eager_int8_model(qat_onnx, qat_eager, cls_onnx):
+def test_qat_int8_onnx_passes_the_int8_rule_against_the_eager_int8_model(qat_onnx, qat_eager, cls_onnx):
+    """The export's int8 rule (docs/export.md): Acc@1 within 1 point, or a difference the flipped images
+    explain (paired McNemar p >= 0.05). Measured on an AVX2-only EPYC: 82 vs 84, 2 points apart, which the
+    earlier strict 1-point assertion refused though the export's own check passed it."""
     import onnx
     import onnxruntime as ort
 
     x, labels, _, ref = qat_eager
     sess = ort.InferenceSession(str(qat_onnx), providers=["CPUExecutionProvider"])
     out = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
-    assert abs(acc1(out, labels) - acc1(ref, labels)) <= 1.0, (acc1(out, labels), acc1(ref, labels))
+    got, want, p = int8_rule(out, ref, labels)
+    assert abs(got - want) <= 1.0 or p >= 0.05, (got, want, p)
     ops = {n.op_type for n in onnx.load(str(qat_onnx)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: ONNX Runtime fuses these into int8 kernels
     assert qat_onnx.stat().st_size < 0.4 * cls_onnx.stat().st_size  # int8 weights, not float ones
