@@ -564,7 +564,7 @@ def stage(src_root: str | Path, dest_dir: str | Path | None = None, log=print) -
                                     "incomplete: rewrite it with tools/make_shards.py") from None
                 copied += size
             rel = MANIFEST
-            shutil.copyfile(src / MANIFEST, dest / MANIFEST)
+            _atomic_write(dest / MANIFEST, (src / MANIFEST).read_bytes())  # on disk before the stamp says done
             _atomic_write(stamp, json.dumps({"manifest_sha256": digest, "source": str(src)}).encode())
         except OSError as exc:
             if exc.errno == errno.ENOSPC:

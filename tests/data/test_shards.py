@@ -758,7 +758,8 @@ def test_shards_are_pax_tars_of_mode_0644_and_mtime_0_and_a_resumed_writer_keeps
 
 def test_shards_and_staged_files_reach_the_disk_whole_before_their_names_do(tmp_path, monkeypatch):
     """Each shard is fsynced complete under its temporary name, then renamed; so is each file staged, then
-    the stamp. (A power cut leaves a temporary file, redone, never a short file under a final name.) A sample
+    the manifest, then the stamp (a stamp on disk before the manifest would mark a set complete whose
+    manifest a power cut could leave empty). (A power cut leaves a temporary file, redone, never a short file under a final name.) A sample
     of 8704 bytes (17 blocks) fills a tar record exactly with its header and the two end blocks: 10240 bytes."""
     names, files = _sources(tmp_path, 2, size=8704)
     events = []
@@ -783,8 +784,11 @@ def test_shards_and_staged_files_reach_the_disk_whole_before_their_names_do(tmp_
     events.clear()
     dest = shards.stage(root, tmp_path / "local", log=lambda m: None)
     a, c, stamp = str(dest / "a.bin"), str(dest / "b/c.bin"), str(dest / ".staged.json")
+    manifest = str(dest / shards.MANIFEST)
     assert events == [("fsync", a + ".partial", 3000), ("replace", a + ".partial", a),
                       ("fsync", c + ".partial", 5), ("replace", c + ".partial", c),
+                      ("fsync", manifest + ".partial", (root / shards.MANIFEST).stat().st_size),
+                      ("replace", manifest + ".partial", manifest), ("fsync", str(dest), None),
                       ("fsync", stamp + ".partial", (dest / ".staged.json").stat().st_size),
                       ("replace", stamp + ".partial", stamp), ("fsync", str(dest), None)]
 
